@@ -1,0 +1,13 @@
+//! mhc-train: train transformers whose residual stream is n streams mixed by mHC
+//! (Manifold-Constrained Hyper-Connections), with fused GPU kernels as candle custom ops.
+//!
+//! Data flows one way: config -> data -> model (with mHC ops) -> train loop -> log/checkpoint.
+
+pub mod config;
+pub mod data;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod log;
+pub mod mhc;
+pub mod model;
+pub mod train;
