@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds the CUDA binary (and optionally the test executables) on a machine without a GPU and puts
+# stripped copies in .bin/ (git-ignored) to carry to the GPU machine.
+#
+#   scripts/build-cuda.sh            release binary with --features cuda   -> .bin/mhc-train-cuda
+#   scripts/build-cuda.sh --nccl     same with --features nccl (multi-GPU; needs libnccl.so.2 at run time)
+#   scripts/build-cuda.sh --tests    also the test executables             -> .bin/test-<target>-cuda
+#
+# The first build compiles candle-kernels with nvcc (about 16 minutes on 2 cores); target/cuda
+# keeps the artifacts so later builds are incremental.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+features=cuda
+with_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --nccl) features=nccl ;;
+    --tests) with_tests=1 ;;
+    -h | --help)
+      sed -n '2,10p' "${BASH_SOURCE[0]}"
+      exit 0
+      ;;
+    *)
+      echo "build-cuda: unknown argument '$arg' (expected --nccl, --tests)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+cd "$repo_root"
+"$repo_root/scripts/setup-cuda.sh"
+# shellcheck source=scripts/cuda-env.sh
+. "$repo_root/scripts/cuda-env.sh"
+mkdir -p .bin
+
+start=$SECONDS
+echo "build-cuda: cargo build --release --features $features (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+cargo build --release --features "$features"
+strip -o .bin/mhc-train-cuda "$CARGO_TARGET_DIR/release/mhc-train"
+echo "build-cuda: .bin/mhc-train-cuda ($(du -h .bin/mhc-train-cuda | cut -f1), features: $features)"
+
+if ((with_tests)); then
+  echo "build-cuda: cargo test --release --features $features --no-run"
+  # cargo prints each test executable's path only in its JSON messages; the file names carry a
+  # hash, so copy them to names that stay the same between builds.
+  cargo test --release --features "$features" --no-run --message-format=json-render-diagnostics |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg.get("profile", {}).get("test") and msg.get("executable"):
+        kind = msg["target"]["kind"][0]
+        name = "lib" if kind == "lib" else ("bin-" if kind == "bin" else "") + msg["target"]["name"]
+        print(name, msg["executable"])
+' | while read -r name exe; do
+    strip -o ".bin/test-$name-cuda" "$exe"
+    echo "build-cuda: .bin/test-$name-cuda ($(du -h ".bin/test-$name-cuda" | cut -f1))"
+  done
+fi
+echo "build-cuda: finished in $((SECONDS - start)) s"
