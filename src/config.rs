@@ -283,7 +283,11 @@ impl Config {
             bail!("name must be a plain folder name, got {:?}", self.name);
         }
         if m.width % m.heads != 0 {
-            bail!("model.heads ({}) must divide model.width ({})", m.heads, m.width);
+            bail!(
+                "model.heads ({}) must divide model.width ({})",
+                m.heads,
+                m.width
+            );
         }
         if (m.width / m.heads) % 2 != 0 {
             bail!("model.width / model.heads must be even for rotary embeddings");
@@ -330,13 +334,12 @@ impl Config {
         if t.weight_decay < 0.0 || t.grad_clip < 0.0 {
             bail!("train.weight_decay and train.grad_clip must not be negative");
         }
-        if t.warmup_steps > t.steps {
-            bail!("train.warmup_steps ({}) exceeds train.steps ({})", t.warmup_steps, t.steps);
-        }
         if self.data.train.is_empty() {
             bail!("data.train names no files");
         }
-        if self.data.val.is_empty() && !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
+        if self.data.val.is_empty()
+            && !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0)
+        {
             bail!("data.val_fraction must be in (0, 1) when data.val is empty");
         }
         self.device_kind()?;

@@ -1,1 +1,127 @@
-fn main() {}
+//! mhc-train's command line: parse, dispatch. All work lives in the library.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use mhc_train::config::Config;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "mhc-train",
+    version,
+    about = "Train transformers whose residual stream is n streams mixed by mHC (Manifold-Constrained Hyper-Connections).",
+    long_about = "Train transformers whose residual stream is n streams mixed by mHC (Manifold-Constrained \
+Hyper-Connections, arXiv 2512.24880), with fused kernels as candle custom ops.\n\n\
+Training is the default command: `mhc-train --config configs/tiny.toml`. A run writes \
+<run_dir>/<name>/: config.toml, TensorBoard event files, metrics.jsonl, ckpt-<step>/.",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config file (see configs/). Every field has a default.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override a config field: --set train.lr=1e-3 --set device=cuda (repeatable; dotted keys).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run from its newest checkpoint (same config; resumed losses equal an
+    /// uninterrupted run's).
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train (the default when no command is given).
+    Train(TrainArgs),
+    /// Validation loss and perplexity of a checkpoint, and a continuation of a prompt.
+    Eval {
+        /// A checkpoint folder: runs/<name>/ckpt-<step>.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Validation batches to average (default: the config's log.eval_batches).
+        #[arg(long)]
+        batches: Option<usize>,
+        /// Text to continue.
+        #[arg(long, default_value = "And God said")]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 48)]
+        tokens: usize,
+        /// Sampling temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Override a field of the checkpoint's config (e.g. device=cuda).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        None => train(cli.train),
+        Some(Command::Train(args)) => train(args),
+        Some(Command::Eval {
+            checkpoint,
+            batches,
+            prompt,
+            tokens,
+            temperature,
+            seed,
+            set,
+        }) => {
+            let options = mhc_train::train::eval::EvalOptions {
+                batches,
+                prompt,
+                tokens,
+                temperature,
+                seed,
+                overrides: set,
+            };
+            let report = mhc_train::train::eval::evaluate(&checkpoint, &options)?;
+            println!("checkpoint {} (step {})", checkpoint.display(), report.step);
+            println!(
+                "val loss {:.4}  perplexity {:.2}",
+                report.val_loss, report.perplexity
+            );
+            match report.sample {
+                Some(text) => println!("sample: {}{}", options.prompt, text),
+                None => println!("sample: none (no tokenizer for pre-tokenized data)"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::load(path, &args.set)?,
+        None => Config::from_toml_str("", &args.set)?,
+    };
+    let summary = mhc_train::train::train(&config, args.resume)?;
+    let first = summary.losses.first().copied().unwrap_or(f64::NAN);
+    let last = summary.losses.last().copied().unwrap_or(f64::NAN);
+    println!(
+        "done: steps {}..{} in {:.1} s, loss {first:.4} -> {last:.4}, val loss {:.4}, {:.0} tokens/s (median)",
+        summary.start_step, summary.steps, summary.wall_secs, summary.final_val_loss, summary.tokens_per_sec
+    );
+    println!("checkpoint: {}", summary.last_checkpoint.display());
+    Ok(())
+}

@@ -4,7 +4,9 @@
 //! fused kernels on CUDA through `crate::gpu`). Both expose the same functions:
 //! `coeffs(x, phi, alpha, b, shape) -> H`, `pre(x, H, shape) -> u`, `post(x, H, y, shape) -> x'`.
 
+pub mod apply;
 pub mod cpu;
+pub mod layer;
 pub mod ops;
 pub mod reference;
 

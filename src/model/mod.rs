@@ -1,1 +1,7 @@
-//! (being written)
+//! The transformer: parameters, sublayers, and the GPT model with plain or mHC residuals.
+
+pub mod gpt;
+pub mod layers;
+pub mod params;
+
+pub use gpt::{Gpt, Output};
