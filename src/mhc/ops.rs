@@ -1,1 +1,453 @@
-//! (being written)
+//! The fused mHC ops as candle custom ops (interface: .notes/OPS.md, math: spec/mhc.md).
+//!
+//! `coeffs`, `pre` and `post` have the signatures of `super::reference`. Each op has a CPU forward
+//! (Rust in `super::cpu`), a CUDA forward (kernels through `crate::gpu::mhc`) and an exact backward
+//! that returns all of an op's input gradients from one multi-output function per device.
+
+use super::cpu;
+use super::MhcShape;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
+use half::bf16;
+
+/// H [T, k] f32 for x [T, n, C]: dynamic (phi [nC, k] given) or static (phi None: H from b alone).
+/// alpha [3] and b [k] are f32; gradients flow to x, phi, alpha and b.
+pub fn coeffs(
+    x: &Tensor,
+    phi: Option<&Tensor>,
+    alpha: &Tensor,
+    b: &Tensor,
+    shape: &MhcShape,
+) -> Result<Tensor> {
+    let k = shape.k();
+    let phi = match (phi, shape.dynamic) {
+        (Some(phi), true) => phi.contiguous()?,
+        // Static mode: a zero-size phi keeps the op's arity; the op never reads it.
+        (None, false) => Tensor::zeros((0, k), DType::F32, x.device())?,
+        (Some(_), false) => bail!("mhc coeffs: phi given but shape.dynamic is false"),
+        (None, true) => bail!("mhc coeffs: shape.dynamic is true but phi is missing"),
+    };
+    let alpha_b = Tensor::cat(&[alpha, b], 0)?;
+    let ext = x
+        .contiguous()?
+        .apply_op3(&phi, &alpha_b, CoeffsOp { shape: *shape })?;
+    ext.narrow(1, 0, k)
+}
+
+/// u [T, C] = sum_j H_pre[j] x_j, in x's dtype.
+pub fn pre(x: &Tensor, h: &Tensor, shape: &MhcShape) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&h.contiguous()?, PreOp { shape: *shape })
+}
+
+/// x' [T, n, C] = H_res x + H_post y, in x's dtype (y [T, C] has x's dtype).
+pub fn post(x: &Tensor, h: &Tensor, y: &Tensor, shape: &MhcShape) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&h.contiguous()?, &y.contiguous()?, PostOp { shape: *shape })
+}
+
+/// (x, phi, alpha_b) -> ext [T, 2k + 1] f32 = [H | P | r]. P and r are kept for the backward.
+pub struct CoeffsOp {
+    pub shape: MhcShape,
+}
+
+/// (x, h) -> u [T, C].
+pub struct PreOp {
+    pub shape: MhcShape,
+}
+
+/// (x, h, y) -> x' [T, n, C].
+pub struct PostOp {
+    pub shape: MhcShape,
+}
+
+/// The contiguous elements of a CPU storage as `E`, or an error naming the op and the tensor.
+fn cpu_slice<'a, E: WithDType>(
+    op: &str,
+    name: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<&'a [E]> {
+    if s.dtype() != E::DTYPE {
+        bail!(
+            "{op}: {name} has dtype {:?}, expected {:?}",
+            s.dtype(),
+            E::DTYPE
+        );
+    }
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!(
+            "{op}: {name} must be contiguous (shape {:?}, stride {:?})",
+            l.shape(),
+            l.stride()
+        );
+    };
+    Ok(&E::cpu_storage_as_slice(s)?[start..end])
+}
+
+/// The contiguous elements of a tensor's CPU storage (from `Tensor::storage_and_layout`) as `E`.
+fn storage_slice<'a, E: WithDType>(
+    op: &str,
+    name: &str,
+    s: &'a Storage,
+    l: &Layout,
+) -> Result<&'a [E]> {
+    let Storage::Cpu(s) = s else {
+        bail!("{op}: {name} is not on the CPU");
+    };
+    cpu_slice::<E>(op, name, s, l)
+}
+
+fn check_dims(op: &str, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        bail!("{op}: {name} has shape {got:?}, expected {want:?}");
+    }
+    Ok(())
+}
+
+/// T from x [T, n, C], checking n and C against the shape.
+fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize> {
+    match x {
+        [t, n, c] if *n == shape.streams && *c == shape.width => Ok(*t),
+        _ => bail!(
+            "{op}: x has shape {x:?}, expected [T, {}, {}]",
+            shape.streams,
+            shape.width
+        ),
+    }
+}
+
+/// Runs `$body` with `$E` bound to the storage element type of x (f32, bf16 or f64).
+macro_rules! dispatch_elem {
+    ($op:expr, $dtype:expr, $E:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $E = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $E = bf16;
+                $body
+            }
+            DType::F64 => {
+                type $E = f64;
+                $body
+            }
+            other => bail!(
+                "{}: x has dtype {other:?}; supported are f32, bf16 and f64",
+                $op
+            ),
+        }
+    };
+}
+
+impl CoeffsOp {
+    const NAME: &'static str = "mhc-coeffs";
+
+    fn check(&self, x: &[usize], phi: &[usize], alpha_b: &[usize]) -> Result<usize> {
+        let (op, k) = (Self::NAME, self.shape.k());
+        let tokens = tokens_of(op, &self.shape, x)?;
+        let phi_rows = if self.shape.dynamic {
+            self.shape.streams * self.shape.width
+        } else {
+            0
+        };
+        check_dims(op, "phi", phi, &[phi_rows, k])?;
+        check_dims(op, "alpha_b", alpha_b, &[3 + k])?;
+        Ok(tokens)
+    }
+}
+
+impl CustomOp3 for CoeffsOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        phi: &CpuStorage,
+        phi_l: &Layout,
+        alpha_b: &CpuStorage,
+        alpha_b_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = Self::NAME;
+        let tokens = self.check(x_l.dims(), phi_l.dims(), alpha_b_l.dims())?;
+        let phi = cpu_slice::<f32>(op, "phi", phi, phi_l)?;
+        let alpha_b = cpu_slice::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
+        let ext = dispatch_elem!(op, x.dtype(), E => {
+            let x = cpu_slice::<E>(op, "x", x, x_l)?;
+            cpu::coeffs_forward(&self.shape, tokens, x, phi, alpha_b)
+        });
+        Ok((
+            CpuStorage::F32(ext),
+            Shape::from((tokens, 2 * self.shape.k() + 1)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        phi: &candle_core::CudaStorage,
+        phi_l: &Layout,
+        alpha_b: &candle_core::CudaStorage,
+        alpha_b_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::mhc::coeffs_forward(&self.shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        phi: &Tensor,
+        alpha_b: &Tensor,
+        ext: &Tensor,
+        d_ext: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dphi, dalpha_b) = coeffs_backward(&self.shape, x, phi, alpha_b, ext, d_ext)?;
+        Ok((dx, dphi, Some(dalpha_b)))
+    }
+}
+
+/// Backward of `CoeffsOp` on x's device: (dx, dphi, dalpha_b); dx and dphi are None in static mode.
+/// Only the first k columns of d_ext (dH) are used: see `cpu::coeffs_backward`.
+pub fn coeffs_backward(
+    shape: &MhcShape,
+    x: &Tensor,
+    phi: &Tensor,
+    alpha_b: &Tensor,
+    ext: &Tensor,
+    d_ext: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
+    let op = "mhc-coeffs backward";
+    let d_ext = d_ext.contiguous()?;
+    let tokens = CoeffsOp { shape: *shape }.check(x.dims(), phi.dims(), alpha_b.dims())?;
+    let k = shape.k();
+    check_dims(op, "ext", ext.dims(), &[tokens, 2 * k + 1])?;
+    check_dims(op, "d_ext", d_ext.dims(), &[tokens, 2 * k + 1])?;
+    match x.device() {
+        Device::Cpu => {
+            let (phi_s, phi_s_l) = phi.storage_and_layout();
+            let phi_v = storage_slice::<f32>(op, "phi", &phi_s, phi_s_l)?;
+            let (alpha_b_s, alpha_b_s_l) = alpha_b.storage_and_layout();
+            let alpha_b_v = storage_slice::<f32>(op, "alpha_b", &alpha_b_s, alpha_b_s_l)?;
+            let (ext_s, ext_s_l) = ext.storage_and_layout();
+            let ext_v = storage_slice::<f32>(op, "ext", &ext_s, ext_s_l)?;
+            let (d_ext_s, d_ext_s_l) = d_ext.storage_and_layout();
+            let d_ext_v = storage_slice::<f32>(op, "d_ext", &d_ext_s, d_ext_s_l)?;
+            let dev = Device::Cpu;
+            dispatch_elem!(op, x.dtype(), E => {
+                // Static mode never reads x.
+                let (x_s, x_s_l) = x.storage_and_layout();
+                let x_v: &[E] = if shape.dynamic {
+                    storage_slice::<E>(op, "x", &x_s, x_s_l)?
+                } else {
+                    &[]
+                };
+                let g = cpu::coeffs_backward::<E>(shape, x_v, phi_v, alpha_b_v, ext_v, d_ext_v);
+                let dx = g.dx.map(|v| Tensor::from_vec(v, x.shape(), &dev)).transpose()?;
+                let dphi = g.dphi.map(|v| Tensor::from_vec(v, phi.shape(), &dev)).transpose()?;
+                Ok((dx, dphi, Tensor::from_vec(g.dalpha_b, 3 + k, &dev)?))
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::gpu::mhc::coeffs_backward(shape, x, phi, alpha_b, ext, &d_ext),
+        other => bail!("{op}: no implementation for device {:?}", other.location()),
+    }
+}
+
+impl PreOp {
+    const NAME: &'static str = "mhc-pre";
+
+    fn check(&self, x: &[usize], h: &[usize]) -> Result<usize> {
+        let tokens = tokens_of(Self::NAME, &self.shape, x)?;
+        check_dims(Self::NAME, "h", h, &[tokens, self.shape.k()])?;
+        Ok(tokens)
+    }
+}
+
+impl CustomOp2 for PreOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        h: &CpuStorage,
+        h_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = Self::NAME;
+        let tokens = self.check(x_l.dims(), h_l.dims())?;
+        let h = cpu_slice::<f32>(op, "h", h, h_l)?;
+        let u = dispatch_elem!(op, x.dtype(), E => {
+            let x = cpu_slice::<E>(op, "x", x, x_l)?;
+            E::to_cpu_storage_owned(cpu::pre_forward(&self.shape, x, h))
+        });
+        Ok((u, Shape::from((tokens, self.shape.width))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        h: &candle_core::CudaStorage,
+        h_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::mhc::pre_forward(&self.shape, x, x_l, h, h_l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        _u: &Tensor,
+        du: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dh) = pre_backward(&self.shape, x, h, du)?;
+        Ok((Some(dx), Some(dh)))
+    }
+}
+
+/// Backward of `PreOp` on x's device: (dx [T, n, C], dh [T, k] with only the pre columns non-zero).
+pub fn pre_backward(
+    shape: &MhcShape,
+    x: &Tensor,
+    h: &Tensor,
+    du: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let op = "mhc-pre backward";
+    let du = du.contiguous()?;
+    let tokens = PreOp { shape: *shape }.check(x.dims(), h.dims())?;
+    check_dims(op, "du", du.dims(), &[tokens, shape.width])?;
+    match x.device() {
+        Device::Cpu => {
+            let (h_s, h_s_l) = h.storage_and_layout();
+            let h_v = storage_slice::<f32>(op, "h", &h_s, h_s_l)?;
+            dispatch_elem!(op, x.dtype(), E => {
+                let (x_s, x_s_l) = x.storage_and_layout();
+                let x_v = storage_slice::<E>(op, "x", &x_s, x_s_l)?;
+                let (du_s, du_s_l) = du.storage_and_layout();
+                let du_v = storage_slice::<E>(op, "du", &du_s, du_s_l)?;
+                let (dx, dh) = cpu::pre_backward::<E>(shape, x_v, h_v, du_v);
+                let dev = Device::Cpu;
+                Ok((Tensor::from_vec(dx, x.shape(), &dev)?, Tensor::from_vec(dh, h.shape(), &dev)?))
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::gpu::mhc::pre_backward(shape, x, h, &du),
+        other => bail!("{op}: no implementation for device {:?}", other.location()),
+    }
+}
+
+impl PostOp {
+    const NAME: &'static str = "mhc-post";
+
+    fn check(&self, x: &[usize], h: &[usize], y: &[usize]) -> Result<usize> {
+        let tokens = tokens_of(Self::NAME, &self.shape, x)?;
+        check_dims(Self::NAME, "h", h, &[tokens, self.shape.k()])?;
+        check_dims(Self::NAME, "y", y, &[tokens, self.shape.width])?;
+        Ok(tokens)
+    }
+}
+
+impl CustomOp3 for PostOp {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        h: &CpuStorage,
+        h_l: &Layout,
+        y: &CpuStorage,
+        y_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = Self::NAME;
+        let tokens = self.check(x_l.dims(), h_l.dims(), y_l.dims())?;
+        let h = cpu_slice::<f32>(op, "h", h, h_l)?;
+        let out = dispatch_elem!(op, x.dtype(), E => {
+            let x = cpu_slice::<E>(op, "x", x, x_l)?;
+            let y = cpu_slice::<E>(op, "y", y, y_l)?;
+            E::to_cpu_storage_owned(cpu::post_forward(&self.shape, x, h, y))
+        });
+        Ok((
+            out,
+            Shape::from((tokens, self.shape.streams, self.shape.width)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        h: &candle_core::CudaStorage,
+        h_l: &Layout,
+        y: &candle_core::CudaStorage,
+        y_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::mhc::post_forward(&self.shape, x, x_l, h, h_l, y, y_l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        y: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dh, dy) = post_backward(&self.shape, x, h, y, g)?;
+        Ok((Some(dx), Some(dh), Some(dy)))
+    }
+}
+
+/// Backward of `PostOp` on x's device: (dx [T, n, C], dh [T, k] with only the post/res columns
+/// non-zero, dy [T, C]).
+pub fn post_backward(
+    shape: &MhcShape,
+    x: &Tensor,
+    h: &Tensor,
+    y: &Tensor,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "mhc-post backward";
+    let g = g.contiguous()?;
+    let tokens = PostOp { shape: *shape }.check(x.dims(), h.dims(), y.dims())?;
+    check_dims(op, "g", g.dims(), x.dims())?;
+    match x.device() {
+        Device::Cpu => {
+            let (h_s, h_s_l) = h.storage_and_layout();
+            let h_v = storage_slice::<f32>(op, "h", &h_s, h_s_l)?;
+            dispatch_elem!(op, x.dtype(), E => {
+                let (x_s, x_s_l) = x.storage_and_layout();
+                let x_v = storage_slice::<E>(op, "x", &x_s, x_s_l)?;
+                let (y_s, y_s_l) = y.storage_and_layout();
+                let y_v = storage_slice::<E>(op, "y", &y_s, y_s_l)?;
+                let (g_s, g_s_l) = g.storage_and_layout();
+                let g_v = storage_slice::<E>(op, "g", &g_s, g_s_l)?;
+                let (dx, dh, dy) = cpu::post_backward::<E>(shape, x_v, h_v, y_v, g_v);
+                let dev = Device::Cpu;
+                Ok((
+                    Tensor::from_vec(dx, x.shape(), &dev)?,
+                    Tensor::from_vec(dh, (tokens, shape.k()), &dev)?,
+                    Tensor::from_vec(dy, y.shape(), &dev)?,
+                ))
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::gpu::mhc::post_backward(shape, x, h, y, &g),
+        other => bail!("{op}: no implementation for device {:?}", other.location()),
+    }
+}
