@@ -69,7 +69,9 @@ enum Command {
 
 fn main() {
     if let Err(error) = run(Cli::parse()) {
-        eprintln!("error: {error:#}");
+        // One line: causes joined by ": ", and parser messages (TOML) folded onto the line.
+        let message = format!("{error:#}");
+        eprintln!("error: {}", message.split_whitespace().collect::<Vec<_>>().join(" "));
         std::process::exit(1);
     }
 }
