@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use mhc_train::config::Config;
+use mhc_train::config::{Config, MhcImpl};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -65,13 +65,39 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Run one mHC sublayer (F = RMSNorm) on tensors from a safetensors file, forward and
+    /// (with `dout`) backward, to cross-check other implementations.
+    #[command(after_help = mhc_train::mhc::apply::APPLY_HELP)]
+    MhcApply {
+        /// Input safetensors file (tensor names below).
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Output safetensors file (written atomically).
+        #[arg(long = "out")]
+        output: PathBuf,
+        /// fused = the custom ops (CPU Rust / CUDA kernels); reference = candle ops.
+        #[arg(long = "impl", value_enum, default_value = "fused")]
+        imp: ImplArg,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImplArg {
+    Fused,
+    Reference,
 }
 
 fn main() {
     if let Err(error) = run(Cli::parse()) {
         // One line: causes joined by ": ", and parser messages (TOML) folded onto the line.
         let message = format!("{error:#}");
-        eprintln!("error: {}", message.split_whitespace().collect::<Vec<_>>().join(" "));
+        eprintln!(
+            "error: {}",
+            message.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
         std::process::exit(1);
     }
 }
@@ -107,6 +133,22 @@ fn run(cli: Cli) -> Result<()> {
                 Some(text) => println!("sample: {}{}", options.prompt, text),
                 None => println!("sample: none (no tokenizer for pre-tokenized data)"),
             }
+            Ok(())
+        }
+        Some(Command::MhcApply {
+            input,
+            output,
+            imp,
+            device,
+        }) => {
+            let config = Config::from_toml_str("", &[format!("device={device:?}")])?;
+            let device = mhc_train::train::trainer::device_for(&config)?;
+            let imp = match imp {
+                ImplArg::Fused => MhcImpl::Fused,
+                ImplArg::Reference => MhcImpl::Reference,
+            };
+            mhc_train::mhc::apply::mhc_apply(&input, &output, imp, &device)?;
+            println!("wrote {}", output.display());
             Ok(())
         }
     }
