@@ -124,6 +124,8 @@ pub struct DataConfig {
     pub val: Vec<PathBuf>,
     pub val_fraction: f64,
     /// A `tokenizer.json`; trained (byte-level BPE with `vocab_size`) and saved here when missing.
+    /// Empty = `<cache_dir>/tokenizer-<vocab_size>-<hash of data.train>.json`, so changing the
+    /// vocabulary or the corpus never reuses a stale tokenizer.
     pub tokenizer: PathBuf,
     /// Where encoded token ids are cached.
     pub cache_dir: PathBuf,
@@ -208,7 +210,7 @@ impl Default for DataConfig {
             train: vec!["data/kjv.txt".into()],
             val: vec![],
             val_fraction: 0.05,
-            tokenizer: "data/cache/tokenizer-kjv-2048.json".into(),
+            tokenizer: PathBuf::new(),
             cache_dir: "data/cache".into(),
         }
     }
@@ -242,9 +244,30 @@ impl Config {
         for set in overrides {
             apply_override(&mut table, set)?;
         }
-        let config: Config = toml::Value::Table(table).try_into()?;
+        let mut config: Config = toml::Value::Table(table).try_into()?;
         config.validate()?;
+        if config.data.tokenizer.as_os_str().is_empty() {
+            config.data.tokenizer = config.default_tokenizer_path();
+        }
         Ok(config)
+    }
+
+    /// Where an automatically trained tokenizer lives: keyed by vocabulary size and training files.
+    fn default_tokenizer_path(&self) -> PathBuf {
+        // FNV-1a over the file names: stable across runs and Rust releases.
+        let key = self
+            .data
+            .train
+            .iter()
+            .flat_map(|p| p.to_string_lossy().into_owned().into_bytes());
+        let hash = key.fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        let name = format!(
+            "tokenizer-{}-{:08x}.json",
+            self.model.vocab_size, hash as u32
+        );
+        self.data.cache_dir.join(name)
     }
 
     /// The folder of this run's outputs.
@@ -400,10 +423,28 @@ mod tests {
 
     #[test]
     fn defaults_validate_and_round_trip() {
-        let config = Config::default();
-        config.validate().unwrap();
+        let config = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!(config.model, Config::default().model);
         let back = Config::from_toml_str(&config.to_toml(), &[]).unwrap();
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn tokenizer_path_follows_vocab_and_corpus() {
+        let a = Config::from_toml_str("", &[]).unwrap().data.tokenizer;
+        let b = Config::from_toml_str("", &["model.vocab_size=4096".into()])
+            .unwrap()
+            .data
+            .tokenizer;
+        let c = Config::from_toml_str("", &["data.train=[\"other.txt\"]".into()])
+            .unwrap()
+            .data
+            .tokenizer;
+        assert!(a.starts_with("data/cache") && a.to_string_lossy().contains("-2048-"));
+        assert!(b.to_string_lossy().contains("-4096-"));
+        assert_ne!(a, c);
+        let own = Config::from_toml_str("[data]\ntokenizer = \"gpt2.json\"", &[]).unwrap();
+        assert_eq!(own.data.tokenizer, PathBuf::from("gpt2.json"));
     }
 
     #[test]
