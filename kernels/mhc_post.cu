@@ -1,0 +1,145 @@
+// mHC mix + distribute (spec/mhc.md "post"): x'_i = sum_j H_res[i,j] x_j + H_post[i] y, and its
+// backward. x, x', g [T, n, C] and y, dy [T, C] in the storage dtype; h, dh [T, k] f32 with
+// H_post in columns [n, 2n) and H_res (row-major i*n + j) in [2n, k). All arithmetic f32.
+#include "mhc_common.h"
+
+using namespace mhc;
+
+// Forward: one thread per V-element chunk of one token, all n streams, grid-stride. One read of
+// x and y, one write of x'.
+template <typename T, int N>
+__device__ void post_forward(const T* __restrict__ x, const float* __restrict__ h, const T* __restrict__ y,
+                             T* __restrict__ out, long long tokens, long long C) {
+    constexpr int K = N * N + 2 * N;
+    constexpr int V = Vec<T, N>::len;
+    const long long chunks = (C + V - 1) / V;
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(y, C) && pack_ok<T, V>(out, C);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < tokens * chunks;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / chunks;
+        const long long c0 = (i % chunks) * V;
+        const float* ht = h + t * K;
+        float yv[V];
+        load_row<T, V>(y + t * C, c0, C, vec, yv);
+        float acc[N][V];
+#pragma unroll
+        for (int r = 0; r < N; ++r) {
+            const float w = ht[N + r];
+#pragma unroll
+            for (int q = 0; q < V; ++q) acc[r][q] = w * yv[q];
+        }
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            float xv[V];
+            load_row<T, V>(x + (t * N + j) * C, c0, C, vec, xv);
+#pragma unroll
+            for (int r = 0; r < N; ++r) {
+                const float w = ht[2 * N + r * N + j];
+#pragma unroll
+                for (int q = 0; q < V; ++q) acc[r][q] += w * xv[q];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < N; ++r) store_row<T, V>(out + (t * N + r) * C, c0, C, vec, acc[r]);
+    }
+}
+
+// Backward: one block per token (grid-stride over tokens).
+//   dy = sum_i H_post[i] g_i,  dx_j = sum_i H_res[i,j] g_i,
+//   dh[post i] = <g_i, y>,  dh[res i,j] = <g_i, x_j>,  dh[pre] = 0.
+// One read of x, y, g; one write of dx, dy, dh.
+template <typename T, int N>
+__device__ void post_backward(const T* __restrict__ x, const float* __restrict__ h, const T* __restrict__ y,
+                              const T* __restrict__ g, T* __restrict__ dx, float* __restrict__ dh,
+                              T* __restrict__ dy, long long tokens, long long C) {
+    constexpr int K = N * N + 2 * N;
+    constexpr int NV = N + N * N;  // the post and res columns of dh
+    constexpr int V = Vec<T, N>::len;
+    __shared__ float scratch[(MAX_WAVES + 1) * NV];
+    const long long chunks = (C + V - 1) / V;
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(y, C) && pack_ok<T, V>(g, C) &&
+                     pack_ok<T, V>(dx, C) && pack_ok<T, V>(dy, C);
+    for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
+        const float* ht = h + t * K;
+        float dot[NV];
+#pragma unroll
+        for (int i = 0; i < NV; ++i) dot[i] = 0.0f;
+        for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
+            const long long c0 = cv * V;
+            float gv[N][V];
+#pragma unroll
+            for (int i = 0; i < N; ++i) load_row<T, V>(g + (t * N + i) * C, c0, C, vec, gv[i]);
+            {
+                float yv[V], d[V];
+                load_row<T, V>(y + t * C, c0, C, vec, yv);
+#pragma unroll
+                for (int q = 0; q < V; ++q) d[q] = 0.0f;
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    const float w = ht[N + i];
+#pragma unroll
+                    for (int q = 0; q < V; ++q) {
+                        d[q] += w * gv[i][q];
+                        dot[i] += gv[i][q] * yv[q];
+                    }
+                }
+                store_row<T, V>(dy + t * C, c0, C, vec, d);
+            }
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                float xv[V], d[V];
+                load_row<T, V>(x + (t * N + j) * C, c0, C, vec, xv);
+#pragma unroll
+                for (int q = 0; q < V; ++q) d[q] = 0.0f;
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    const float w = ht[2 * N + i * N + j];
+#pragma unroll
+                    for (int q = 0; q < V; ++q) {
+                        d[q] += w * gv[i][q];
+                        dot[N + i * N + j] += gv[i][q] * xv[q];
+                    }
+                }
+                store_row<T, V>(dx + (t * N + j) * C, c0, C, vec, d);
+            }
+        }
+        const float* totals = block_sum<NV>(dot, scratch);
+        for (int c = threadIdx.x; c < K; c += blockDim.x) dh[t * K + c] = c < N ? 0.0f : totals[c - N];
+        // totals live in scratch, which the next token's block_sum overwrites.
+        __syncthreads();
+    }
+}
+
+// Exported kernels, one per (dtype, n), spelled out so each name is greppable (the launch table
+// in src/gpu/mhc.rs and scripts/check-kernels.sh look them up by name).
+#define POST_FWD_PARAMS(T) const T *x, const float *h, const T *y, T *out, long long tokens, long long C
+#define POST_BWD_PARAMS(T) \
+    const T *x, const float *h, const T *y, const T *g, T *dx, float *dh, T *dy, long long tokens, long long C
+extern "C" __global__ void mhc_post_fwd_f32_n2(POST_FWD_PARAMS(float)) { post_forward<float, 2>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_f32_n2(POST_BWD_PARAMS(float)) { post_backward<float, 2>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_bf16_n2(POST_FWD_PARAMS(mhc_bf16)) { post_forward<mhc_bf16, 2>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_bf16_n2(POST_BWD_PARAMS(mhc_bf16)) { post_backward<mhc_bf16, 2>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_f32_n3(POST_FWD_PARAMS(float)) { post_forward<float, 3>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_f32_n3(POST_BWD_PARAMS(float)) { post_backward<float, 3>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_bf16_n3(POST_FWD_PARAMS(mhc_bf16)) { post_forward<mhc_bf16, 3>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_bf16_n3(POST_BWD_PARAMS(mhc_bf16)) { post_backward<mhc_bf16, 3>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_f32_n4(POST_FWD_PARAMS(float)) { post_forward<float, 4>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_f32_n4(POST_BWD_PARAMS(float)) { post_backward<float, 4>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_bf16_n4(POST_FWD_PARAMS(mhc_bf16)) { post_forward<mhc_bf16, 4>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_bf16_n4(POST_BWD_PARAMS(mhc_bf16)) { post_backward<mhc_bf16, 4>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_f32_n5(POST_FWD_PARAMS(float)) { post_forward<float, 5>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_f32_n5(POST_BWD_PARAMS(float)) { post_backward<float, 5>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_bf16_n5(POST_FWD_PARAMS(mhc_bf16)) { post_forward<mhc_bf16, 5>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_bf16_n5(POST_BWD_PARAMS(mhc_bf16)) { post_backward<mhc_bf16, 5>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_f32_n6(POST_FWD_PARAMS(float)) { post_forward<float, 6>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_f32_n6(POST_BWD_PARAMS(float)) { post_backward<float, 6>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_bf16_n6(POST_FWD_PARAMS(mhc_bf16)) { post_forward<mhc_bf16, 6>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_bf16_n6(POST_BWD_PARAMS(mhc_bf16)) { post_backward<mhc_bf16, 6>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_f32_n7(POST_FWD_PARAMS(float)) { post_forward<float, 7>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_f32_n7(POST_BWD_PARAMS(float)) { post_backward<float, 7>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_bf16_n7(POST_FWD_PARAMS(mhc_bf16)) { post_forward<mhc_bf16, 7>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_bf16_n7(POST_BWD_PARAMS(mhc_bf16)) { post_backward<mhc_bf16, 7>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_f32_n8(POST_FWD_PARAMS(float)) { post_forward<float, 8>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_f32_n8(POST_BWD_PARAMS(float)) { post_backward<float, 8>(x, h, y, g, dx, dh, dy, tokens, C); }
+extern "C" __global__ void mhc_post_fwd_bf16_n8(POST_FWD_PARAMS(mhc_bf16)) { post_forward<mhc_bf16, 8>(x, h, y, out, tokens, C); }
+extern "C" __global__ void mhc_post_bwd_bf16_n8(POST_BWD_PARAMS(mhc_bf16)) { post_backward<mhc_bf16, 8>(x, h, y, g, dx, dh, dy, tokens, C); }

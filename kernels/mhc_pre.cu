@@ -1,0 +1,107 @@
+// mHC aggregate (spec/mhc.md "pre"): u = sum_j H_pre[j] x_j, and its backward.
+// x [T, n, C] and u, du [T, C] in the storage dtype; h, dh [T, k] f32 (k = n*n + 2n, H_pre in
+// columns [0, n)). All arithmetic f32.
+#include "mhc_common.h"
+
+using namespace mhc;
+
+// Forward: one thread per V-element chunk of one token's row, grid-stride. One read of x, one
+// write of u.
+template <typename T, int N>
+__device__ void pre_forward(const T* __restrict__ x, const float* __restrict__ h, T* __restrict__ u,
+                            long long tokens, long long C) {
+    constexpr int K = N * N + 2 * N;
+    constexpr int V = Vec<T, N>::len;
+    const long long chunks = (C + V - 1) / V;
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(u, C);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < tokens * chunks;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / chunks;
+        const long long c0 = (i % chunks) * V;
+        float acc[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            const float w = h[t * K + j];
+            float xv[V];
+            load_row<T, V>(x + (t * N + j) * C, c0, C, vec, xv);
+#pragma unroll
+            for (int q = 0; q < V; ++q) acc[q] += w * xv[q];
+        }
+        store_row<T, V>(u + t * C, c0, C, vec, acc);
+    }
+}
+
+// Backward: one block per token (grid-stride over tokens). dx_j = H_pre[j] du,
+// dh[pre j] = <du, x_j>, the other dh columns 0. One read of x and du, one write of dx and dh.
+template <typename T, int N>
+__device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ h, const T* __restrict__ du,
+                             T* __restrict__ dx, float* __restrict__ dh, long long tokens, long long C) {
+    constexpr int K = N * N + 2 * N;
+    constexpr int V = Vec<T, N>::len;
+    __shared__ float scratch[(MAX_WAVES + 1) * N];
+    const long long chunks = (C + V - 1) / V;
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(du, C) && pack_ok<T, V>(dx, C);
+    for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
+        float w[N], dot[N];
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            w[j] = h[t * K + j];
+            dot[j] = 0.0f;
+        }
+        for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
+            const long long c0 = cv * V;
+            float g[V];
+            load_row<T, V>(du + t * C, c0, C, vec, g);
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                float xv[V], d[V];
+                load_row<T, V>(x + (t * N + j) * C, c0, C, vec, xv);
+#pragma unroll
+                for (int q = 0; q < V; ++q) {
+                    dot[j] += g[q] * xv[q];
+                    d[q] = w[j] * g[q];
+                }
+                store_row<T, V>(dx + (t * N + j) * C, c0, C, vec, d);
+            }
+        }
+        const float* totals = block_sum<N>(dot, scratch);
+        for (int c = threadIdx.x; c < K; c += blockDim.x) dh[t * K + c] = c < N ? totals[c] : 0.0f;
+        // totals live in scratch, which the next token's block_sum overwrites.
+        __syncthreads();
+    }
+}
+
+// Exported kernels, one per (dtype, n), spelled out so each name is greppable (the launch table
+// in src/gpu/mhc.rs and scripts/check-kernels.sh look them up by name).
+#define PRE_FWD_PARAMS(T) const T *x, const float *h, T *u, long long tokens, long long C
+#define PRE_BWD_PARAMS(T) const T *x, const float *h, const T *du, T *dx, float *dh, long long tokens, long long C
+extern "C" __global__ void mhc_pre_fwd_f32_n2(PRE_FWD_PARAMS(float)) { pre_forward<float, 2>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n2(PRE_BWD_PARAMS(float)) { pre_backward<float, 2>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_bf16_n2(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 2>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n2(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_f32_n3(PRE_FWD_PARAMS(float)) { pre_forward<float, 3>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n3(PRE_BWD_PARAMS(float)) { pre_backward<float, 3>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_bf16_n3(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 3>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n3(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_f32_n4(PRE_FWD_PARAMS(float)) { pre_forward<float, 4>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n4(PRE_BWD_PARAMS(float)) { pre_backward<float, 4>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_bf16_n4(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 4>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n4(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_f32_n5(PRE_FWD_PARAMS(float)) { pre_forward<float, 5>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n5(PRE_BWD_PARAMS(float)) { pre_backward<float, 5>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_bf16_n5(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 5>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n5(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_f32_n6(PRE_FWD_PARAMS(float)) { pre_forward<float, 6>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n6(PRE_BWD_PARAMS(float)) { pre_backward<float, 6>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_bf16_n6(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 6>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n6(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_f32_n7(PRE_FWD_PARAMS(float)) { pre_forward<float, 7>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n7(PRE_BWD_PARAMS(float)) { pre_backward<float, 7>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_bf16_n7(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 7>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n7(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_f32_n8(PRE_FWD_PARAMS(float)) { pre_forward<float, 8>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n8(PRE_BWD_PARAMS(float)) { pre_backward<float, 8>(x, h, du, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_fwd_bf16_n8(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 8>(x, h, u, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n8(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8>(x, h, du, dx, dh, tokens, C); }

@@ -1,0 +1,588 @@
+//! CUDA launch layer of the fused mHC ops (.notes/OPS.md): each function checks shapes, allocates
+//! its outputs on the device, and launches the kernels of `kernels/*.cu` on candle's stream.
+//!
+//! Launches per op: coeffs forward 1 (dynamic or static); coeffs backward 1 (static) or 2
+//! (dynamic: per-token activation/Sinkhorn backward, then dx and dphi in one pass over x), plus
+//! the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
+
+use super::{
+    bwd_row_len, bwd_x_elems_per_thread, fwd_tokens_per_wave, stream_vec_len, KernelSpec, Module,
+    COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FWD, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD,
+    PRE_FWD,
+};
+use crate::mhc::MhcShape;
+use candle_core::cuda_backend::cudarc::driver::{
+    sys::CUdevice_attribute, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use half::bf16;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/mhc_kernels.rs"));
+}
+
+/// Lanes per warp on NVIDIA: the kernels size their tiles by it (MHC_WAVE in compat.h).
+const WAVE: usize = 32;
+
+/// The fatbin of a module (sm_90 code + compute_90 PTX, from build.rs).
+fn image(module: Module) -> &'static [u8] {
+    match module {
+        Module::Coeffs => embedded::MHC_COEFFS,
+        Module::Pre => embedded::MHC_PRE,
+        Module::Post => embedded::MHC_POST,
+    }
+}
+
+/// Per device: loaded modules, resolved functions, multiprocessor count. Modules hold their
+/// context alive, so a cached function never outlives it.
+#[derive(Default)]
+struct DeviceCache {
+    modules: HashMap<Module, Arc<CudaModule>>,
+    functions: HashMap<String, CudaFunction>,
+    multiprocessors: Option<usize>,
+}
+
+fn caches() -> &'static Mutex<HashMap<DeviceId, DeviceCache>> {
+    static CACHES: OnceLock<Mutex<HashMap<DeviceId, DeviceCache>>> = OnceLock::new();
+    CACHES.get_or_init(Default::default)
+}
+
+/// The kernel of `spec` for this dtype and n, loaded once per device.
+fn function(
+    dev: &CudaDevice,
+    spec: &KernelSpec,
+    dtype: DType,
+    streams: usize,
+) -> Result<CudaFunction> {
+    let symbol = spec.symbol(dtype, streams)?;
+    let mut caches = caches().lock().expect("mhc kernel cache poisoned");
+    let cache = caches.entry(dev.id()).or_default();
+    if let Some(func) = cache.functions.get(&symbol) {
+        return Ok(func.clone());
+    }
+    let module = match cache.modules.get(&spec.module) {
+        Some(module) => module.clone(),
+        None => {
+            let ptx = candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(
+                image(spec.module).to_vec(),
+            );
+            let module = dev.cuda_stream().context().load_module(ptx).w()?;
+            cache.modules.insert(spec.module, module.clone());
+            module
+        }
+    };
+    let func = module.load_function(&symbol).w()?;
+    cache.functions.insert(symbol, func.clone());
+    Ok(func)
+}
+
+fn multiprocessors(dev: &CudaDevice) -> Result<usize> {
+    let mut caches = caches().lock().expect("mhc kernel cache poisoned");
+    let cache = caches.entry(dev.id()).or_default();
+    if let Some(count) = cache.multiprocessors {
+        return Ok(count);
+    }
+    let count = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    cache.multiprocessors = Some(count);
+    Ok(count)
+}
+
+static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
+
+/// Test mode: every output these functions allocate without zeroing is first filled with NaN,
+/// so a test that checks each element finite proves the kernels wrote all of them.
+pub fn set_poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, Ordering::SeqCst);
+}
+
+/// Storage element types the kernels take, with the NaN used for poisoning.
+trait StorageElem: CudaDType + DeviceRepr + ValidAsZeroBits + Copy + 'static {
+    const NAN: Self;
+}
+impl StorageElem for f32 {
+    const NAN: Self = f32::NAN;
+}
+impl StorageElem for bf16 {
+    const NAN: Self = bf16::NAN;
+}
+
+/// An output buffer every element of which the kernel writes (NaN-filled in test mode).
+fn alloc_out<T: StorageElem>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    if POISON_OUTPUTS.load(Ordering::Relaxed) {
+        return dev.clone_htod(&vec![T::NAN; len]);
+    }
+    // SAFETY: callers pass only buffers their kernels write in full before anything reads them.
+    unsafe { dev.alloc::<T>(len) }
+}
+
+/// The contiguous elements of a tensor's storage, as a view from its start offset.
+fn view<'a, T: StorageElem>(
+    op: &str,
+    name: &str,
+    storage: &'a CudaStorage,
+    layout: &Layout,
+) -> Result<CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op}: {name} is not contiguous (layout {layout:?})")
+    };
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+fn check_dims(op: &str, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        bail!("{op}: {name} has shape {got:?}, expected {want:?}")
+    }
+    Ok(())
+}
+
+/// T from x [T, n, C], checking n and C against the shape.
+fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize> {
+    match x {
+        [t, n, c] if *n == shape.streams && *c == shape.width => Ok(*t),
+        _ => bail!(
+            "{op}: x has shape {x:?}, expected [T, n={}, C={}]",
+            shape.streams,
+            shape.width
+        ),
+    }
+}
+
+fn grid_1d(items: usize, block: usize, cap: usize) -> u32 {
+    items.div_ceil(block).clamp(1, cap) as u32
+}
+
+fn cfg(grid: (u32, u32), block: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads per block of the one-block-per-token kernels: enough waves to cover one row's chunks
+/// once, at most 256 (MAX_BLOCK in mhc_common.h).
+fn row_block(width: usize, vec_len: usize) -> usize {
+    (width.div_ceil(vec_len).div_ceil(WAVE) * WAVE).clamp(WAVE, 256)
+}
+
+fn wrap<T: StorageElem>(dev: &CudaDevice, slice: CudaSlice<T>) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, dev.clone())
+}
+
+fn tensor(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+/// Borrows a tensor's CUDA storage and layout.
+macro_rules! cuda_storage {
+    ($op:expr, $name:expr, $t:expr => $s:ident, $l:ident) => {
+        let (guard, $l) = $t.storage_and_layout();
+        let $s = match &*guard {
+            Storage::Cuda(s) => s,
+            _ => bail!("{}: {} is not on a CUDA device", $op, $name),
+        };
+    };
+}
+
+// ------------------------------------------------------------------------------------------------
+// coeffs
+
+/// CoeffsOp forward: ext [T, 2k+1] f32 = [H | P | r].
+pub fn coeffs_forward(
+    shape: &MhcShape,
+    x: &CudaStorage,
+    x_l: &Layout,
+    phi: &CudaStorage,
+    phi_l: &Layout,
+    alpha_b: &CudaStorage,
+    alpha_b_l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => coeffs_forward_t::<f32>(shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l),
+        DType::BF16 => coeffs_forward_t::<bf16>(shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l),
+        other => bail!("mhc-coeffs: x dtype {other:?} is not supported (f32 or bf16)"),
+    }
+}
+
+fn coeffs_forward_t<T: StorageElem>(
+    shape: &MhcShape,
+    x: &CudaStorage,
+    x_l: &Layout,
+    phi: &CudaStorage,
+    phi_l: &Layout,
+    alpha_b: &CudaStorage,
+    alpha_b_l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "mhc-coeffs";
+    let dev = &x.device;
+    let (n, k) = (shape.streams, shape.k());
+    let tokens = tokens_of(op, shape, x_l.dims())?;
+    let d = n * shape.width;
+    check_dims(op, "alpha_b", alpha_b_l.dims(), &[3 + k])?;
+    check_dims(
+        op,
+        "phi",
+        phi_l.dims(),
+        &[if shape.dynamic { d } else { 0 }, k],
+    )?;
+    let alpha_b = view::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
+    let ext_len = tokens * (2 * k + 1);
+    let mut ext = alloc_out::<f32>(dev, ext_len)?;
+    let (tokens_i, iters) = (tokens as i64, shape.sinkhorn_iters as i32);
+    if tokens > 0 {
+        let dtype = x.dtype();
+        if shape.dynamic {
+            let func = function(dev, &COEFFS_FWD, dtype, n)?;
+            let x = view::<T>(op, "x", x, x_l)?;
+            let phi = view::<f32>(op, "phi", phi, phi_l)?;
+            let block = 256;
+            let per_block = block / WAVE * fwd_tokens_per_wave(n);
+            let d_i = d as i64;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&x).arg(&phi).arg(&alpha_b).arg(&mut ext);
+            b.arg(&tokens_i).arg(&d_i).arg(&iters);
+            unsafe { b.launch(cfg((grid_1d(tokens, per_block, usize::MAX >> 1), 1), block)) }
+                .w()?;
+        } else {
+            let func = function(dev, &COEFFS_STATIC, dtype, n)?;
+            let block = 128;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&alpha_b).arg(&mut ext).arg(&tokens_i).arg(&iters);
+            unsafe { b.launch(cfg((grid_1d(tokens, block, usize::MAX >> 1), 1), block)) }.w()?;
+        }
+    }
+    Ok((wrap(dev, ext), Shape::from((tokens, 2 * k + 1))))
+}
+
+/// CoeffsOp backward: (dx, dphi, dalpha_b); dx and dphi are None in static mode. Only the first
+/// k columns of d_ext (dH) are read.
+pub fn coeffs_backward(
+    shape: &MhcShape,
+    x: &Tensor,
+    phi: &Tensor,
+    alpha_b: &Tensor,
+    ext: &Tensor,
+    d_ext: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
+    match x.dtype() {
+        DType::F32 => coeffs_backward_t::<f32>(shape, x, phi, alpha_b, ext, d_ext),
+        DType::BF16 => coeffs_backward_t::<bf16>(shape, x, phi, alpha_b, ext, d_ext),
+        other => bail!("mhc-coeffs backward: x dtype {other:?} is not supported (f32 or bf16)"),
+    }
+}
+
+fn coeffs_backward_t<T: StorageElem>(
+    shape: &MhcShape,
+    x: &Tensor,
+    phi: &Tensor,
+    alpha_b: &Tensor,
+    ext: &Tensor,
+    d_ext: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
+    let op = "mhc-coeffs backward";
+    let (n, k) = (shape.streams, shape.k());
+    let tokens = tokens_of(op, shape, x.dims())?;
+    let d = n * shape.width;
+    check_dims(op, "alpha_b", alpha_b.dims(), &[3 + k])?;
+    check_dims(
+        op,
+        "phi",
+        phi.dims(),
+        &[if shape.dynamic { d } else { 0 }, k],
+    )?;
+    check_dims(op, "ext", ext.dims(), &[tokens, 2 * k + 1])?;
+    check_dims(op, "d_ext", d_ext.dims(), &[tokens, 2 * k + 1])?;
+    let d_ext = d_ext.contiguous()?;
+    cuda_storage!(op, "alpha_b", alpha_b => alpha_b_s, alpha_b_l);
+    cuda_storage!(op, "ext", ext => ext_s, ext_l);
+    cuda_storage!(op, "d_ext", d_ext => d_ext_s, d_ext_l);
+    let dev = &ext_s.device;
+    let alpha_b_v = view::<f32>(op, "alpha_b", alpha_b_s, alpha_b_l)?;
+    let ext_v = view::<f32>(op, "ext", ext_s, ext_l)?;
+    let d_ext_v = view::<f32>(op, "d_ext", d_ext_s, d_ext_l)?;
+    let stream = dev.cuda_stream();
+
+    let mut dalpha_b = dev.alloc_zeros::<f32>(3 + k)?;
+    let row = bwd_row_len(n);
+    let mut dp = alloc_out::<f32>(dev, tokens * row)?;
+    let (tokens_i, d_i, iters) = (tokens as i64, d as i64, shape.sinkhorn_iters as i32);
+    if tokens > 0 {
+        // Sinkhorn scratch: the 2n denominators of each half-step, per token. Only read back
+        // by the thread that wrote them, never returned.
+        let mut den = unsafe { dev.alloc::<f32>((2 * shape.sinkhorn_iters * n * tokens).max(1))? };
+        let func = function(dev, &COEFFS_BWD_TOKEN, x.dtype(), n)?;
+        let block = 128;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&alpha_b_v).arg(&ext_v).arg(&d_ext_v);
+        b.arg(&mut dp).arg(&mut den).arg(&mut dalpha_b);
+        b.arg(&tokens_i).arg(&d_i).arg(&iters);
+        unsafe { b.launch(cfg((grid_1d(tokens, block, usize::MAX >> 1), 1), block)) }.w()?;
+    }
+    let dalpha_b = tensor(wrap(dev, dalpha_b), 3 + k);
+    if !shape.dynamic {
+        return Ok((None, None, dalpha_b));
+    }
+
+    cuda_storage!(op, "x", x => x_s, x_l);
+    cuda_storage!(op, "phi", phi => phi_s, phi_l);
+    let x_v = view::<T>(op, "x", x_s, x_l)?;
+    let phi_v = view::<f32>(op, "phi", phi_s, phi_l)?;
+    let mut dx = alloc_out::<T>(dev, tokens * d)?;
+    let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
+    if tokens > 0 && d > 0 {
+        let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
+        let block = 256;
+        let e_blocks = d.div_ceil(block * bwd_x_elems_per_thread(n));
+        // Enough token ranges for about two blocks per multiprocessor; each range adds one
+        // atomic pass over its D x k slice of dphi, so no more than needed.
+        let token_chunk = 32;
+        let splits = (2 * multiprocessors(dev)?)
+            .div_ceil(e_blocks)
+            .clamp(1, tokens.div_ceil(token_chunk));
+        let per_split = tokens.div_ceil(splits);
+        let per_split_i = per_split as i64;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
+        b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
+        let grid = (e_blocks as u32, tokens.div_ceil(per_split) as u32);
+        unsafe { b.launch(cfg(grid, block)) }.w()?;
+    }
+    let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));
+    let dphi = tensor(wrap(dev, dphi), (d, k));
+    Ok((Some(dx), Some(dphi), dalpha_b))
+}
+
+// ------------------------------------------------------------------------------------------------
+// pre
+
+/// PreOp forward: u [T, C] in x's dtype.
+pub fn pre_forward(
+    shape: &MhcShape,
+    x: &CudaStorage,
+    x_l: &Layout,
+    h: &CudaStorage,
+    h_l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => pre_forward_t::<f32>(shape, x, x_l, h, h_l),
+        DType::BF16 => pre_forward_t::<bf16>(shape, x, x_l, h, h_l),
+        other => bail!("mhc-pre: x dtype {other:?} is not supported (f32 or bf16)"),
+    }
+}
+
+fn pre_forward_t<T: StorageElem>(
+    shape: &MhcShape,
+    x: &CudaStorage,
+    x_l: &Layout,
+    h: &CudaStorage,
+    h_l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "mhc-pre";
+    let dev = &x.device;
+    let (n, c) = (shape.streams, shape.width);
+    let tokens = tokens_of(op, shape, x_l.dims())?;
+    check_dims(op, "h", h_l.dims(), &[tokens, shape.k()])?;
+    let mut u = alloc_out::<T>(dev, tokens * c)?;
+    if tokens > 0 && c > 0 {
+        let func = function(dev, &PRE_FWD, x.dtype(), n)?;
+        let x_v = view::<T>(op, "x", x, x_l)?;
+        let h_v = view::<f32>(op, "h", h, h_l)?;
+        let threads = tokens * c.div_ceil(stream_vec_len(n, x.dtype()));
+        let block = 256;
+        let grid = grid_1d(threads, block, 32 * multiprocessors(dev)?);
+        let (tokens_i, c_i) = (tokens as i64, c as i64);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_v).arg(&h_v).arg(&mut u).arg(&tokens_i).arg(&c_i);
+        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+    }
+    Ok((wrap(dev, u), Shape::from((tokens, c))))
+}
+
+/// PreOp backward: (dx [T, n, C], dh [T, k] f32 with only the pre columns non-zero).
+pub fn pre_backward(
+    shape: &MhcShape,
+    x: &Tensor,
+    h: &Tensor,
+    du: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    match x.dtype() {
+        DType::F32 => pre_backward_t::<f32>(shape, x, h, du),
+        DType::BF16 => pre_backward_t::<bf16>(shape, x, h, du),
+        other => bail!("mhc-pre backward: x dtype {other:?} is not supported (f32 or bf16)"),
+    }
+}
+
+fn pre_backward_t<T: StorageElem>(
+    shape: &MhcShape,
+    x: &Tensor,
+    h: &Tensor,
+    du: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let op = "mhc-pre backward";
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    let tokens = tokens_of(op, shape, x.dims())?;
+    check_dims(op, "h", h.dims(), &[tokens, k])?;
+    check_dims(op, "du", du.dims(), &[tokens, c])?;
+    let (x, h, du) = (x.contiguous()?, h.contiguous()?, du.contiguous()?);
+    cuda_storage!(op, "x", x => x_s, x_l);
+    cuda_storage!(op, "h", h => h_s, h_l);
+    cuda_storage!(op, "du", du => du_s, du_l);
+    let dev = &x_s.device;
+    let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
+    let mut dh = alloc_out::<f32>(dev, tokens * k)?;
+    if tokens > 0 {
+        let func = function(dev, &PRE_BWD, x.dtype(), n)?;
+        let x_v = view::<T>(op, "x", x_s, x_l)?;
+        let h_v = view::<f32>(op, "h", h_s, h_l)?;
+        let du_v = view::<T>(op, "du", du_s, du_l)?;
+        let block = row_block(c, stream_vec_len(n, x.dtype()));
+        let grid = grid_1d(tokens, 1, 32 * multiprocessors(dev)?);
+        let (tokens_i, c_i) = (tokens as i64, c as i64);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dx).arg(&mut dh);
+        b.arg(&tokens_i).arg(&c_i);
+        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+    }
+    Ok((
+        tensor(wrap(dev, dx), (tokens, n, c)),
+        tensor(wrap(dev, dh), (tokens, k)),
+    ))
+}
+
+// ------------------------------------------------------------------------------------------------
+// post
+
+/// PostOp forward: x' [T, n, C] in x's dtype.
+pub fn post_forward(
+    shape: &MhcShape,
+    x: &CudaStorage,
+    x_l: &Layout,
+    h: &CudaStorage,
+    h_l: &Layout,
+    y: &CudaStorage,
+    y_l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => post_forward_t::<f32>(shape, x, x_l, h, h_l, y, y_l),
+        DType::BF16 => post_forward_t::<bf16>(shape, x, x_l, h, h_l, y, y_l),
+        other => bail!("mhc-post: x dtype {other:?} is not supported (f32 or bf16)"),
+    }
+}
+
+fn post_forward_t<T: StorageElem>(
+    shape: &MhcShape,
+    x: &CudaStorage,
+    x_l: &Layout,
+    h: &CudaStorage,
+    h_l: &Layout,
+    y: &CudaStorage,
+    y_l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "mhc-post";
+    let dev = &x.device;
+    let (n, c) = (shape.streams, shape.width);
+    let tokens = tokens_of(op, shape, x_l.dims())?;
+    check_dims(op, "h", h_l.dims(), &[tokens, shape.k()])?;
+    check_dims(op, "y", y_l.dims(), &[tokens, c])?;
+    let mut out = alloc_out::<T>(dev, tokens * n * c)?;
+    if tokens > 0 && c > 0 {
+        let func = function(dev, &POST_FWD, x.dtype(), n)?;
+        let x_v = view::<T>(op, "x", x, x_l)?;
+        let h_v = view::<f32>(op, "h", h, h_l)?;
+        let y_v = view::<T>(op, "y", y, y_l)?;
+        let threads = tokens * c.div_ceil(stream_vec_len(n, x.dtype()));
+        let block = 256;
+        let grid = grid_1d(threads, block, 32 * multiprocessors(dev)?);
+        let (tokens_i, c_i) = (tokens as i64, c as i64);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_v)
+            .arg(&h_v)
+            .arg(&y_v)
+            .arg(&mut out)
+            .arg(&tokens_i)
+            .arg(&c_i);
+        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+    }
+    Ok((wrap(dev, out), Shape::from((tokens, n, c))))
+}
+
+/// PostOp backward: (dx [T, n, C], dh [T, k] f32 with only post/res columns non-zero, dy [T, C]).
+pub fn post_backward(
+    shape: &MhcShape,
+    x: &Tensor,
+    h: &Tensor,
+    y: &Tensor,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match x.dtype() {
+        DType::F32 => post_backward_t::<f32>(shape, x, h, y, g),
+        DType::BF16 => post_backward_t::<bf16>(shape, x, h, y, g),
+        other => bail!("mhc-post backward: x dtype {other:?} is not supported (f32 or bf16)"),
+    }
+}
+
+fn post_backward_t<T: StorageElem>(
+    shape: &MhcShape,
+    x: &Tensor,
+    h: &Tensor,
+    y: &Tensor,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "mhc-post backward";
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    let tokens = tokens_of(op, shape, x.dims())?;
+    check_dims(op, "h", h.dims(), &[tokens, k])?;
+    check_dims(op, "y", y.dims(), &[tokens, c])?;
+    check_dims(op, "g", g.dims(), &[tokens, n, c])?;
+    let (x, h, y, g) = (
+        x.contiguous()?,
+        h.contiguous()?,
+        y.contiguous()?,
+        g.contiguous()?,
+    );
+    cuda_storage!(op, "x", x => x_s, x_l);
+    cuda_storage!(op, "h", h => h_s, h_l);
+    cuda_storage!(op, "y", y => y_s, y_l);
+    cuda_storage!(op, "g", g => g_s, g_l);
+    let dev = &x_s.device;
+    let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
+    let mut dh = alloc_out::<f32>(dev, tokens * k)?;
+    let mut dy = alloc_out::<T>(dev, tokens * c)?;
+    if tokens > 0 {
+        let func = function(dev, &POST_BWD, x.dtype(), n)?;
+        let x_v = view::<T>(op, "x", x_s, x_l)?;
+        let h_v = view::<f32>(op, "h", h_s, h_l)?;
+        let y_v = view::<T>(op, "y", y_s, y_l)?;
+        let g_v = view::<T>(op, "g", g_s, g_l)?;
+        let block = row_block(c, stream_vec_len(n, x.dtype()));
+        let grid = grid_1d(tokens, 1, 32 * multiprocessors(dev)?);
+        let (tokens_i, c_i) = (tokens as i64, c as i64);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_v).arg(&h_v).arg(&y_v).arg(&g_v);
+        b.arg(&mut dx).arg(&mut dh).arg(&mut dy);
+        b.arg(&tokens_i).arg(&c_i);
+        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+    }
+    Ok((
+        tensor(wrap(dev, dx), (tokens, n, c)),
+        tensor(wrap(dev, dh), (tokens, k)),
+        tensor(wrap(dev, dy), (tokens, c)),
+    ))
+}
