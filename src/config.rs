@@ -305,14 +305,14 @@ impl Config {
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             bail!("name must be a plain folder name, got {:?}", self.name);
         }
-        if m.width % m.heads != 0 {
+        if !m.width.is_multiple_of(m.heads) {
             bail!(
                 "model.heads ({}) must divide model.width ({})",
                 m.heads,
                 m.width
             );
         }
-        if (m.width / m.heads) % 2 != 0 {
+        if !(m.width / m.heads).is_multiple_of(2) {
             bail!("model.width / model.heads must be even for rotary embeddings");
         }
         if m.residual == Residual::Mhc && !(1..=16).contains(&m.streams) {
@@ -321,13 +321,13 @@ impl Config {
         if m.residual == Residual::Mhc && m.sinkhorn_iters == 0 {
             bail!("model.sinkhorn_iters must be at least 1");
         }
-        if !(m.norm_eps > 0.0) {
+        if m.norm_eps.is_nan() || m.norm_eps <= 0.0 {
             bail!("model.norm_eps must be positive");
         }
         if m.vocab_size < 260 {
             bail!("model.vocab_size must be at least 260 (256 bytes + special tokens)");
         }
-        if t.batch_size % t.grad_accum != 0 {
+        if !t.batch_size.is_multiple_of(t.grad_accum) {
             bail!(
                 "train.grad_accum ({}) must divide train.batch_size ({})",
                 t.grad_accum,

@@ -336,16 +336,17 @@ pub fn train(config: &Config, resume: bool) -> Result<Summary> {
                 ("tokens_seen".into(), state.tokens_seen as f64),
             ],
         };
-        if state.step % config.log.every == 0 || is_last {
-            if config.model.residual == Residual::Mhc {
-                mhc_health(
-                    &health.unwrap_or_default(),
-                    config.model.streams,
-                    &mut record,
-                )?;
-            }
+        let log_now = is_last || state.step.is_multiple_of(config.log.every);
+        let eval_now = is_last
+            || (config.log.eval_every > 0 && state.step.is_multiple_of(config.log.eval_every));
+        if log_now && config.model.residual == Residual::Mhc {
+            mhc_health(
+                &health.unwrap_or_default(),
+                config.model.streams,
+                &mut record,
+            )?;
         }
-        if (config.log.eval_every > 0 && state.step % config.log.eval_every == 0) || is_last {
+        if eval_now {
             let val = validation_loss(
                 &model,
                 &val_tokens,
@@ -362,10 +363,12 @@ pub fn train(config: &Config, resume: bool) -> Result<Summary> {
             ));
             final_val_loss = val;
         }
-        if state.step % config.log.every == 0 || is_last || record.scalars.len() > 6 {
+        if log_now || eval_now {
             logger.log(&record)?;
         }
-        if (config.log.ckpt_every > 0 && state.step % config.log.ckpt_every == 0) || is_last {
+        if is_last
+            || (config.log.ckpt_every > 0 && state.step.is_multiple_of(config.log.ckpt_every))
+        {
             last_checkpoint = checkpoint::save(
                 &run,
                 config,
