@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod data;
+pub mod dist;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod log;
