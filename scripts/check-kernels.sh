@@ -45,12 +45,44 @@ if ((${#sources[@]} == 0)); then
   exit 1
 fi
 
-# Kernel names as the sources declare them; a declaration may span lines, and lines of #define
-# bodies (macro parameters, not names) are left out.
+# Kernel names a preprocessed source declares: `extern "C"` functions marked __global__ (expanded
+# to __attribute__((global)) by both toolchains' headers). Reading the preprocessed text resolves
+# kernels stamped out by macros (NAME##N); attributes may sit before or after `void`.
 declared_kernels() {
-  grep -v '^[[:space:]]*#' "$1" | tr '\n' ' ' |
-    grep -oP 'extern\s+"C"\s+__global__\s+(__launch_bounds__\s*\([^)]*\)\s+)?void\s+\K[A-Za-z_][A-Za-z0-9_]*' |
-    sort -u || true
+  python3 - "$1" <<'PY'
+import re, sys
+
+text = "\n".join(l for l in open(sys.argv[1]) if not l.lstrip().startswith("#"))
+word = re.compile(r"\s*([A-Za-z_]\w*)")
+paren = re.compile(r"\s*\(")
+
+def after_parens(i):
+    depth = 0
+    while i < len(text):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        i += 1
+        if depth == 0:
+            return i
+    return i
+
+names = set()
+for m in re.finditer(r'extern\s+"C"\s', text):
+    i, is_kernel = m.end(), False
+    while (w := word.match(text, i)):
+        tok, i = w.group(1), w.end()
+        p = paren.match(text, i)
+        if tok in ("__attribute__", "__launch_bounds__", "__declspec") and p:
+            end = after_parens(p.end() - 1)
+            is_kernel |= tok == "__attribute__" and re.search(r"\bglobal\b", text[i:end]) is not None
+            i = end
+        elif tok == "__global__":
+            is_kernel = True
+        elif p:
+            if is_kernel:
+                names.add(tok)
+            break
+print("\n".join(sorted(names)))
+PY
 }
 
 # Kernel names an object holds: AMD code objects list each kernel with its descriptor NAME.kd;
@@ -64,36 +96,51 @@ object_kernels() {
   esac | sort -u
 }
 
+# The compiler command for a target, without the output kind: sets the array `cmd`.
+compiler_for() {
+  case "$1" in
+    gfx*) cmd=(clang++-19 -x hip --offload-arch="$1" --cuda-device-only --no-gpu-bundle-output
+      -O3 -std=c++17 -mcode-object-version=5 --rocm-device-lib-path="$bitcode_dir") ;;
+    sm_*) cmd=(nvcc -gencode "arch=compute_${1#sm_},code=$1" -O3 -std=c++17) ;;
+    compute_*) cmd=(nvcc -arch="$1" -O3 -std=c++17) ;;
+  esac
+  cmd+=(-I "$kernel_dir")
+}
+
 # Called as an `if` condition, where `set -e` does not apply: each step returns its own failure.
 compile() {
-  local target="$1" src="$2" object="$3"
+  local target="$1" src="$2" object="$3" cmd
+  compiler_for "$target"
   case "$target" in
     gfx*)
-      clang++-19 -x hip --offload-arch="$target" --cuda-device-only --no-gpu-bundle-output \
-        -O3 -std=c++17 -mcode-object-version=5 --rocm-device-lib-path="$bitcode_dir" \
-        -I "$kernel_dir" -c "$src" -o "$object" || return 1
+      "${cmd[@]}" -c "$src" -o "$object" || return 1
       # The code object must be for the asked architecture ("Flags: 0x54C, gfx942, xnack, sramecc").
       llvm-readelf-19 -h "$object" | grep -E '^\s*Flags:' | grep -qw "$target" || {
         echo "check-kernels: $object is not a $target code object" >&2
         return 1
       }
       ;;
-    sm_*)
-      nvcc -gencode "arch=compute_${target#sm_},code=$target" -cubin -O3 -std=c++17 \
-        -I "$kernel_dir" "$src" -o "$object"
-      ;;
-    compute_*)
-      nvcc -arch="$target" -ptx -O3 -std=c++17 -I "$kernel_dir" "$src" -o "$object"
-      ;;
+    sm_*) "${cmd[@]}" -cubin "$src" -o "$object" ;;
+    compute_*) "${cmd[@]}" -ptx "$src" -o "$object" ;;
   esac
 }
 
+targets=("${hip_targets[@]}" "${cuda_targets[@]}")
 failures=()
 for src in "${sources[@]}"; do
   base="$(basename "$src" .cu)"
-  mapfile -t declared < <(declared_kernels "$src")
+  # The kernels the source declares for any target: one hidden from a target by #if shows up
+  # as missing from that target's object.
+  declared=()
+  for target in "${targets[@]}"; do
+    compiler_for "$target"
+    if "${cmd[@]}" -E "$src" -o "$out/$base.$target.i" 2>/dev/null; then
+      mapfile -t -O "${#declared[@]}" declared < <(declared_kernels "$out/$base.$target.i")
+    fi
+  done
+  mapfile -t declared < <(printf '%s\n' "${declared[@]}" | sed '/^$/d' | sort -u)
   echo "== $src: ${#declared[@]} kernel(s) declared: ${declared[*]:-(none)}"
-  for target in "${hip_targets[@]}" "${cuda_targets[@]}"; do
+  for target in "${targets[@]}"; do
     case "$target" in gfx*) ext=co ;; sm_*) ext=cubin ;; *) ext=ptx ;; esac
     object="$out/$base.$target.$ext"
     if ! compile "$target" "$src" "$object"; then
@@ -115,4 +162,4 @@ if ((${#failures[@]})); then
   printf 'check-kernels: FAIL: %s\n' "${failures[@]}" >&2
   exit 1
 fi
-echo "check-kernels: ok: ${#sources[@]} file(s), targets: ${hip_targets[*]} ${cuda_targets[*]}"
+echo "check-kernels: ok: ${#sources[@]} file(s), targets: ${targets[*]}"

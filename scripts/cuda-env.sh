@@ -7,7 +7,7 @@ _mhc_tc="$_mhc_repo_root/.toolchain/cuda"
 
 if [[ ! -x "$_mhc_tc/site/nvidia/cu13/bin/nvcc" ]]; then
   echo "cuda-env: $_mhc_tc is not set up; run scripts/setup-cuda.sh first" >&2
-  return 1 2>/dev/null || exit 1
+  return 1
 fi
 
 export CUDA_ROOT="$_mhc_tc/site/nvidia/cu13"

@@ -4,7 +4,25 @@
 #
 #   scripts/gpu-run.sh .bin/mhc-train-cuda train --config configs/....toml
 #   scripts/gpu-run.sh .bin/test-gpu_mhc-cuda --test-threads=1
+#
+# When .bin/mhc-cuda-bins.tar.xz (scripts/build-cuda.sh --pack) was carried, it is unpacked into
+# .bin/ first: the binaries themselves exceed what the device tool carries.
 set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+archive="$repo_root/.bin/mhc-cuda-bins.tar.xz"
+if [[ -f "$archive" ]]; then
+  if command -v xz >/dev/null; then
+    tar -C "$repo_root/.bin" -xJf "$archive"
+  else
+    python3 -c '
+import sys, tarfile
+safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+tarfile.open(sys.argv[1]).extractall(sys.argv[2], **safe)
+' "$archive" "$repo_root/.bin"
+  fi
+  echo "gpu-run: unpacked .bin/mhc-cuda-bins.tar.xz" >&2
+fi
 
 # Where the GPU machine (Ubuntu 24.04, driver 580, CUDA 13.0) keeps those libraries: the system
 # CUDA 13.0 and the PyTorch venv's wheels (the only NCCL there).
@@ -16,7 +34,7 @@ lib_dirs=(
 )
 for dir in "${lib_dirs[@]}"; do
   if [[ -d "$dir" ]]; then
-    LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$dir"
   else
     echo "gpu-run: warning: $dir does not exist" >&2
   fi

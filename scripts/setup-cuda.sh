@@ -37,7 +37,7 @@ else
   # One pip call into a fresh folder: `pip install --target` skips packages whose top-level
   # folder (the shared `nvidia/` namespace) already exists, so partial updates are unreliable.
   rm -rf "$site"
-  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --root-user-action=ignore \
     --no-deps --target "$site" "${pins[@]}"
   echo "${pins[*]}" >"$stamp"
 fi
@@ -58,10 +58,18 @@ echo "setup-cuda: unversioned links in $link_dir"
 
 # No driver here: link against a stub that defines every cu* entry point cudarc's driver
 # bindings declare, with the driver's soname so the binary loads the real libcuda.so.1 at run time.
-cudarc_sys="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys 2>/dev/null | head -n 1)"
-if [[ -z "$cudarc_sys" ]]; then
-  echo "setup-cuda: cudarc 0.19.10 sources not found; run 'cargo fetch' first" >&2
-  exit 1
+find_cudarc_sys() {
+  local dirs=("${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys)
+  [[ -d "${dirs[0]}" ]] && echo "${dirs[0]}"
+}
+if ! cudarc_sys="$(find_cudarc_sys)"; then
+  # cudarc is an optional dependency: a CPU-only build never unpacks it.
+  echo "setup-cuda: fetching crate sources for cudarc 0.19.10"
+  cargo fetch --manifest-path "$repo_root/Cargo.toml" --quiet
+  cudarc_sys="$(find_cudarc_sys)" || {
+    echo "setup-cuda: cudarc 0.19.10 sources not found after cargo fetch (Cargo.lock pins another version?)" >&2
+    exit 1
+  }
 fi
 stub_so="$link_dir/libcuda.so"
 if [[ ! -f "$stub_so" || "$stub_so" -ot "$cudarc_sys/mod.rs" || "$stub_so" -ot "${BASH_SOURCE[0]}" ]]; then
