@@ -35,6 +35,11 @@ struct TrainArgs {
     /// uninterrupted run's).
     #[arg(long)]
     resume: bool,
+    /// Data parallel on this node: start N worker processes (one per GPU, each taking
+    /// cuda:<LOCAL_RANK>) and wait for them. Under torchrun/mpirun/SLURM leave this out: the
+    /// RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT variables are read instead.
+    #[arg(long, value_name = "N")]
+    gpus: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -159,7 +164,17 @@ fn train(args: TrainArgs) -> Result<()> {
         Some(path) => Config::load(path, &args.set)?,
         None => Config::from_toml_str("", &args.set)?,
     };
+    if let Some(workers) = args.gpus {
+        // The config was checked above, once, before any worker starts.
+        let worker_args = mhc_train::dist::args_without_gpus(std::env::args_os().skip(1));
+        mhc_train::dist::launch(workers, &worker_args)?;
+        println!("all {workers} workers finished");
+        return Ok(());
+    }
     let summary = mhc_train::train::train(&config, args.resume)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
     let first = summary.losses.first().copied().unwrap_or(f64::NAN);
     let last = summary.losses.last().copied().unwrap_or(f64::NAN);
     println!(

@@ -327,3 +327,49 @@ fn checkpoints_are_never_lost() {
     let state = std::fs::read_to_string(still.join("state.json")).unwrap();
     assert!(serde_json::from_str::<serde_json::Value>(&state).is_ok());
 }
+
+/// Two CPU workers (TCP gradient averaging) with global batch B train like one process with
+/// batch B: the same losses step by step (up to f32 reduction order), the same validation loss.
+#[test]
+fn data_parallel_workers_match_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut config = small_config(d, "one", Residual::Mhc);
+    config.train.steps = 8;
+    config.log.every = 1;
+    let one = config_file(d, &config);
+    config.name = "two".into();
+    let two = config_file(d, &config);
+    let (ok, err) = cli(&["--config", &one], d);
+    assert!(ok, "{err}");
+    let (ok, err) = cli(&["--config", &two, "--gpus", "2"], d);
+    assert!(ok, "{err}");
+    let losses = |name: &str, key: &str| -> Vec<f64> {
+        let text =
+            std::fs::read_to_string(d.join("runs").join(name).join("metrics.jsonl")).unwrap();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+            .collect()
+    };
+    let (a, b) = (losses("one", "train/loss"), losses("two", "train/loss"));
+    assert_eq!(a.len(), 8);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "{a:?} vs {b:?}");
+    }
+    let (va, vb) = (losses("one", "val/loss"), losses("two", "val/loss"));
+    assert!((va[0] - vb[0]).abs() < 1e-4 * va[0], "{va:?} vs {vb:?}");
+    // A worker that cannot start (bad rank setup) fails the launch, naming the rank.
+    let (ok, err) = cli(
+        &[
+            "--config",
+            &two,
+            "--gpus",
+            "2",
+            "--set",
+            "train.batch_size=9",
+        ],
+        d,
+    );
+    assert!(!ok && err.contains("rank"), "{err}");
+}

@@ -1,23 +1,27 @@
-//! The training loop: batches -> forward/backward (with gradient accumulation) -> global-norm
-//! clipping -> AdamW -> logs, validation, checkpoints.
+//! The training loop: batches -> forward/backward (with gradient accumulation) -> gradient
+//! averaging over data-parallel ranks -> global-norm clipping -> AdamW -> logs, validation,
+//! checkpoints. Data parallelism is seen only through [`GradSync`]; rank 0 alone logs and saves.
 
 use super::checkpoint::{self, TrainState};
 use super::optimizer::AdamW;
 use super::schedule::learning_rate;
 use crate::config::{Config, DTypeName, DeviceKind, Residual};
 use crate::data::{self, Dataset, Sampler, TokenStream};
+use crate::dist::{self, DistEnv, GradSync};
 use crate::log::{amax_gains, Logger, Progress, Record};
 use crate::model::params::Params;
 use crate::model::Gpt;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// This process's data-parallel rank (only rank 0 logs and saves).
+    pub rank: usize,
     pub run_dir: PathBuf,
     pub start_step: usize,
     pub steps: usize,
@@ -79,6 +83,20 @@ fn batch_tensors(
     ))
 }
 
+/// Loss of deterministic validation batch `index` of `rows` sequences.
+fn batch_loss(
+    model: &Gpt,
+    val: &TokenStream,
+    index: usize,
+    rows: usize,
+    device: &Device,
+) -> Result<f64> {
+    let seq_len = model.config().seq_len;
+    let (ids, targets) =
+        batch_tensors(data::val_batch(val, index, rows, seq_len), seq_len, device)?;
+    Ok(model.loss(&ids, &targets)?.0.to_scalar::<f32>()? as f64)
+}
+
 /// Mean validation loss over `batches` deterministic batches of `rows` sequences.
 pub fn validation_loss(
     model: &Gpt,
@@ -87,13 +105,9 @@ pub fn validation_loss(
     rows: usize,
     device: &Device,
 ) -> Result<f64> {
-    let seq_len = model.config().seq_len;
     let mut total = 0.0;
     for index in 0..batches {
-        let (ids, targets) =
-            batch_tensors(data::val_batch(val, index, rows, seq_len), seq_len, device)?;
-        let (loss, _) = model.loss(&ids, &targets)?;
-        total += loss.to_scalar::<f32>()? as f64;
+        total += batch_loss(model, val, index, rows, device)?;
     }
     Ok(total / batches as f64)
 }
@@ -196,9 +210,204 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Trains as the config says. With `resume`, continues from the run's newest checkpoint;
-/// without, refuses a run folder that already holds checkpoints (nothing saved is overwritten).
+/// How long a rank waits for its peers (rendezvous, and each collective afterwards).
+const PEER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One optimizer step's numbers (global over ranks).
+pub struct StepStats {
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Wall time of the whole step, device work included.
+    pub secs: f64,
+    /// Of which gradient averaging over ranks.
+    pub sync_secs: f64,
+    /// Every mHC sublayer's H [T, k] of the first micro-batch (empty for plain residuals).
+    pub coeffs: Vec<Tensor>,
+}
+
+/// A model, its optimizer and sampler, on one rank of a (possibly single-process) run.
+pub struct Trainer {
+    pub config: Config,
+    pub params: Params,
+    pub model: Gpt,
+    pub device: Device,
+    pub optimizer: AdamW,
+    pub sampler: Sampler,
+    pub state: TrainState,
+    pub sync: Box<dyn GradSync>,
+}
+
+impl Trainer {
+    /// Builds the model on this rank's device, joins the other ranks, checks that every rank
+    /// starts from identical weights, and loads `resume_from` when given.
+    pub fn new(config: &Config, env: &DistEnv, resume_from: Option<&Path>) -> Result<Trainer> {
+        let t = &config.train;
+        if !t.batch_size.is_multiple_of(env.world * t.grad_accum) {
+            bail!(
+                "train.batch_size ({}) must divide into {} ranks x {} micro-batches (train.grad_accum)",
+                t.batch_size,
+                env.world,
+                t.grad_accum
+            );
+        }
+        let device = device_for_rank(config, env)?;
+        let mut params = Params::new(&device, config.seed);
+        let model = Gpt::new(&mut params, &config.model, dtype_for(config))?;
+        let mut optimizer = AdamW::new(&params, t)?;
+        let mut sampler = Sampler::new(config.seed);
+        let mut state = TrainState {
+            step: 0,
+            sampler: sampler.state(),
+            tokens_seen: 0,
+        };
+        if let Some(dir) = resume_from {
+            state = checkpoint::load(dir, &params, Some(&mut optimizer))?;
+            sampler = Sampler::from_state(&state.sampler);
+        }
+        let mut sync = dist::connect(env, &device, PEER_TIMEOUT)?;
+        sync.check_same("parameter checksum", checksum(&params)?)?;
+        Ok(Trainer {
+            config: config.clone(),
+            params,
+            model,
+            device,
+            optimizer,
+            sampler,
+            state,
+            sync,
+        })
+    }
+
+    /// Sequences per micro-batch on this rank.
+    pub fn micro_rows(&self) -> usize {
+        let t = &self.config.train;
+        t.batch_size / (self.sync.world() * t.grad_accum)
+    }
+
+    /// One optimizer step on this rank's shard of the next global batch.
+    pub fn step(&mut self, train: &TokenStream) -> Result<StepStats> {
+        let began = Instant::now();
+        let t = &self.config.train;
+        let seq_len = self.config.model.seq_len;
+        let lr = learning_rate(t, self.state.step);
+        let (rank, world) = (self.sync.rank(), self.sync.world());
+        let (inputs, targets) =
+            self.sampler
+                .next_batch(train, t.batch_size, seq_len, rank, world)?;
+        let micro = self.micro_rows() * seq_len;
+        let mut grads = None;
+        let mut loss_sum = 0.0;
+        let mut coeffs = Vec::new();
+        for (index, (ids, tgt)) in inputs.chunks(micro).zip(targets.chunks(micro)).enumerate() {
+            let (ids, tgt) = batch_tensors((ids.to_vec(), tgt.to_vec()), seq_len, &self.device)?;
+            let (loss, out) = self.model.loss(&ids, &tgt)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let micro_grads = (loss / t.grad_accum as f64)?.backward()?;
+            accumulate(&mut grads, micro_grads, &self.params)?;
+            if index == 0 {
+                coeffs = out.coeffs;
+            }
+        }
+        let mut grads = grads.expect("grad_accum >= 1");
+        let mut loss = [loss_sum / t.grad_accum as f64];
+        self.sync.all_reduce_scalars(&mut loss)?;
+        let loss = loss[0];
+        if !loss.is_finite() {
+            bail!(
+                "training loss became {loss} at step {}",
+                self.state.step + 1
+            );
+        }
+        let sync_began = Instant::now();
+        if world > 1 {
+            let vars: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|(_, p)| p.var.as_tensor().clone())
+                .collect();
+            let local = vars
+                .iter()
+                .map(|v| grads.get(v).cloned().context("a parameter got no gradient"))
+                .collect::<Result<Vec<_>>>()?;
+            for (var, reduced) in vars.iter().zip(self.sync.all_reduce_mean(&local)?) {
+                grads.insert(var, reduced);
+            }
+            self.device.synchronize()?;
+        }
+        let sync_secs = sync_began.elapsed().as_secs_f64();
+        let grad_norm = global_norm(&grads, &self.params)?;
+        let scale = if t.grad_clip > 0.0 && grad_norm > t.grad_clip {
+            t.grad_clip / grad_norm
+        } else {
+            1.0
+        };
+        self.optimizer.step(&grads, lr, scale)?;
+        self.device.synchronize()?;
+        self.state.step += 1;
+        self.state.tokens_seen += (t.batch_size * seq_len) as u64;
+        self.state.sampler = self.sampler.state();
+        Ok(StepStats {
+            loss,
+            lr,
+            grad_norm,
+            secs: began.elapsed().as_secs_f64(),
+            sync_secs,
+            coeffs,
+        })
+    }
+
+    /// Mean validation loss over the config's eval batches, whatever the world size: the same
+    /// `eval_batches * batch_size / grad_accum` rows, cut into this rank's micro-batches, which
+    /// are dealt round-robin over the ranks.
+    pub fn validation_loss(&mut self, val: &TokenStream) -> Result<f64> {
+        let (rank, world) = (self.sync.rank(), self.sync.world());
+        let chunks = self.config.log.eval_batches * world;
+        let mut sums = [0.0, 0.0];
+        for index in (rank..chunks).step_by(world) {
+            sums[0] += batch_loss(&self.model, val, index, self.micro_rows(), &self.device)?;
+            sums[1] += 1.0;
+        }
+        self.sync.all_reduce_scalars(&mut sums)?;
+        Ok(sums[0] / sums[1])
+    }
+}
+
+/// `device`, with `cuda` meaning this rank's GPU (LOCAL_RANK) in data-parallel runs.
+fn device_for_rank(config: &Config, env: &DistEnv) -> Result<Device> {
+    match config.device_kind()? {
+        DeviceKind::Cuda(None) if env.world > 1 => Device::new_cuda(env.local_rank)
+            .with_context(|| format!("rank {}: cannot open cuda:{}", env.rank, env.local_rank)),
+        DeviceKind::Cuda(Some(_)) if env.world > 1 => bail!(
+            "device {:?} with WORLD_SIZE={}: use device = \"cuda\" so each rank takes its LOCAL_RANK GPU",
+            config.device,
+            env.world
+        ),
+        _ => device_for(config),
+    }
+}
+
+/// A host-side f64 fingerprint of all weights (sum + sum of squares), equal on ranks that hold
+/// identical weights.
+fn checksum(params: &Params) -> Result<f64> {
+    let mut total = 0.0;
+    for (_, p) in params.iter() {
+        let w = p
+            .var
+            .as_tensor()
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?;
+        total += w.sum_all()?.to_scalar::<f64>()? + 0.5 * w.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(total)
+}
+
+/// Trains as the config says, as one rank of the run the environment describes (RANK,
+/// WORLD_SIZE, ...; none set = a single process). With `resume`, continues from the run's newest
+/// checkpoint; without, refuses a run folder that already holds checkpoints (nothing saved is
+/// overwritten).
 pub fn train(config: &Config, resume: bool) -> Result<Summary> {
+    let env = DistEnv::from_env()?;
     let run = config.run_path();
     let resume_from = if resume {
         let dir = checkpoint::latest(&run)?
@@ -228,159 +437,119 @@ pub fn train(config: &Config, resume: bool) -> Result<Summary> {
         val: val_tokens,
         ..
     } = data::load_dataset(&config.data, config.model.vocab_size, config.model.seq_len)?;
-    let Built {
-        params,
-        model,
-        device,
-    } = build_model(config)?;
-    let mut optimizer = AdamW::new(&params, &config.train)?;
-    let mut sampler = Sampler::new(config.seed);
-    let mut state = TrainState {
-        step: 0,
-        sampler: sampler.state(),
-        tokens_seen: 0,
+    let mut trainer = Trainer::new(config, &env, resume_from.as_deref())
+        .with_context(|| format!("rank {} of {}", env.rank, env.world))?;
+    let main = env.is_main();
+    let mut logger = if main {
+        std::fs::create_dir_all(&run)
+            .with_context(|| format!("cannot create run folder {}", run.display()))?;
+        write_atomically(&run.join("config.toml"), &config.to_toml())?;
+        Some(Logger::create(
+            &run,
+            resume_from.as_ref().map(|_| trainer.state.step),
+        )?)
+    } else {
+        None
     };
-    if let Some(dir) = &resume_from {
-        state = checkpoint::load(dir, &params, Some(&mut optimizer))?;
-        sampler = Sampler::from_state(&state.sampler);
-    }
-
-    std::fs::create_dir_all(&run)
-        .with_context(|| format!("cannot create run folder {}", run.display()))?;
-    write_atomically(&run.join("config.toml"), &config.to_toml())?;
-    let mut logger = Logger::create(&run, resume_from.as_ref().map(|_| state.step))?;
 
     let t = &config.train;
-    let seq_len = config.model.seq_len;
-    let micro_rows = t.batch_size / t.grad_accum;
-    let tokens_per_step = (t.batch_size * seq_len) as u64;
-    let start_step = state.step;
-    let progress = Progress::new(t.steps, start_step, config.log.progress);
-    progress.message(&format!(
-        "run {}: {} parameters, {} train / {} val tokens, device {}, {:?}",
-        run.display(),
-        params.count(),
-        train_tokens.len(),
-        val_tokens.len(),
-        config.device,
-        config.dtype
-    ));
+    let tokens_per_step = (t.batch_size * config.model.seq_len) as f64;
+    let start_step = trainer.state.step;
+    let progress = Progress::new(t.steps, start_step, main && config.log.progress);
+    if main {
+        progress.message(&format!(
+            "run {}: {} parameters, {} train / {} val tokens, device {} x {}, {:?}",
+            run.display(),
+            trainer.params.count(),
+            train_tokens.len(),
+            val_tokens.len(),
+            config.device,
+            env.world,
+            config.dtype
+        ));
+    }
     let began = Instant::now();
     let mut losses = Vec::new();
     let mut rates = Vec::new();
     let mut last_checkpoint = resume_from.clone().unwrap_or_default();
     let mut final_val_loss = f64::NAN;
 
-    for step in start_step..t.steps {
-        let step_began = Instant::now();
-        let lr = learning_rate(t, step);
-        let (inputs, targets) = sampler.next_batch(&train_tokens, t.batch_size, seq_len, 0, 1)?;
-        let mut grads = None;
-        let mut loss_sum = 0.0;
-        let mut health = None;
-        for micro in 0..t.grad_accum {
-            let rows = micro * micro_rows * seq_len..(micro + 1) * micro_rows * seq_len;
-            let (ids, tgt) = batch_tensors(
-                (inputs[rows.clone()].to_vec(), targets[rows].to_vec()),
-                seq_len,
-                &device,
-            )?;
-            let (loss, out) = model.loss(&ids, &tgt)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            accumulate(
-                &mut grads,
-                (loss / t.grad_accum as f64)?.backward()?,
-                &params,
-            )?;
-            if micro == 0 {
-                health = Some(out.coeffs);
+    while trainer.state.step < t.steps {
+        let stats = match trainer.step(&train_tokens) {
+            Ok(stats) => stats,
+            Err(error) => {
+                let kept = checkpoint::latest(&run)?
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none saved yet".into());
+                return Err(error.context(format!(
+                    "rank {}: stopped; last good checkpoint: {kept}",
+                    env.rank
+                )));
             }
-        }
-        let loss = loss_sum / t.grad_accum as f64;
-        if !loss.is_finite() {
-            let kept = checkpoint::latest(&run)?
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none saved yet".into());
-            bail!(
-                "training loss became {loss} at step {}; stopped. Last good checkpoint: {kept}",
-                step + 1
-            );
-        }
-        let grads = grads.expect("grad_accum >= 1");
-        let grad_norm = global_norm(&grads, &params)?;
-        let scale = if t.grad_clip > 0.0 && grad_norm > t.grad_clip {
-            t.grad_clip / grad_norm
-        } else {
-            1.0
         };
-        optimizer.step(&grads, lr, scale)?;
-        state.step = step + 1;
-        state.tokens_seen += tokens_per_step;
-        state.sampler = sampler.state();
-
-        let step_secs = step_began.elapsed().as_secs_f64();
-        let tokens_per_s = tokens_per_step as f64 / step_secs;
-        losses.push(loss);
+        let step = trainer.state.step;
+        let tokens_per_s = tokens_per_step / stats.secs;
+        losses.push(stats.loss);
         rates.push(tokens_per_s);
-        progress.update(state.step, loss, tokens_per_s);
+        progress.update(step, stats.loss, tokens_per_s);
 
-        let is_last = state.step == t.steps;
+        let is_last = step == t.steps;
+        let log_now = is_last || step.is_multiple_of(config.log.every);
+        let eval_now =
+            is_last || (config.log.eval_every > 0 && step.is_multiple_of(config.log.eval_every));
         let mut record = Record {
-            step: state.step,
+            step,
             scalars: vec![
-                ("train/loss".into(), loss),
-                ("lr".into(), lr),
-                ("grad_norm".into(), grad_norm),
-                ("step_time_ms".into(), step_secs * 1e3),
+                ("train/loss".into(), stats.loss),
+                ("lr".into(), stats.lr),
+                ("grad_norm".into(), stats.grad_norm),
+                ("step_time_ms".into(), stats.secs * 1e3),
+                ("allreduce_ms".into(), stats.sync_secs * 1e3),
                 ("tokens_per_s".into(), tokens_per_s),
-                ("tokens_seen".into(), state.tokens_seen as f64),
+                ("tokens_seen".into(), trainer.state.tokens_seen as f64),
             ],
         };
-        let log_now = is_last || state.step.is_multiple_of(config.log.every);
-        let eval_now = is_last
-            || (config.log.eval_every > 0 && state.step.is_multiple_of(config.log.eval_every));
         if log_now && config.model.residual == Residual::Mhc {
-            mhc_health(
-                &health.unwrap_or_default(),
-                config.model.streams,
-                &mut record,
-            )?;
+            mhc_health(&stats.coeffs, config.model.streams, &mut record)?;
         }
         if eval_now {
-            let val = validation_loss(
-                &model,
-                &val_tokens,
-                config.log.eval_batches,
-                micro_rows,
-                &device,
-            )?;
+            let val = trainer.validation_loss(&val_tokens)?;
             record.scalars.push(("val/loss".into(), val));
             record.scalars.push(("val/perplexity".into(), val.exp()));
-            progress.message(&format!(
-                "step {}: train loss {loss:.4}, val loss {val:.4}, ppl {:.2}",
-                state.step,
-                val.exp()
-            ));
+            if main {
+                progress.message(&format!(
+                    "step {step}: train loss {:.4}, val loss {val:.4}, ppl {:.2}",
+                    stats.loss,
+                    val.exp()
+                ));
+            }
             final_val_loss = val;
         }
-        if log_now || eval_now {
+        if let Some(logger) = logger.as_mut().filter(|_| log_now || eval_now) {
             logger.log(&record)?;
         }
-        if is_last
-            || (config.log.ckpt_every > 0 && state.step.is_multiple_of(config.log.ckpt_every))
-        {
+        let save_now =
+            is_last || (config.log.ckpt_every > 0 && step.is_multiple_of(config.log.ckpt_every));
+        if main && save_now {
             last_checkpoint = checkpoint::save(
                 &run,
                 config,
-                &params,
-                &optimizer,
-                &state,
+                &trainer.params,
+                &trainer.optimizer,
+                &trainer.state,
                 config.log.keep_ckpts,
             )?;
             progress.message(&format!("saved {}", last_checkpoint.display()));
         }
     }
-    logger.flush()?;
+    // Data parallelism must leave every rank with the same weights.
+    let fingerprint = checksum(&trainer.params)?;
+    trainer
+        .sync
+        .check_same("final parameter checksum", fingerprint)?;
+    if let Some(logger) = logger.as_mut() {
+        logger.flush()?;
+    }
     progress.finish();
     let measured = if rates.len() > 1 {
         &rates[1..]
@@ -388,6 +557,7 @@ pub fn train(config: &Config, resume: bool) -> Result<Summary> {
         &rates[..]
     };
     Ok(Summary {
+        rank: env.rank,
         run_dir: run,
         start_step,
         steps: t.steps,
