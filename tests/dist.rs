@@ -517,3 +517,59 @@ fn worker_arguments_drop_gpus() {
         args(&["train", "--set", "device=cuda"])
     );
 }
+
+/// Two GPUs of one machine (ranks as threads): NCCL averages known gradients, bucketed (one
+/// tensor larger than a bucket), in f32 and bf16, equal to the hand-computed mean on both ranks.
+/// Run by hand on a GPU machine: `cargo test --release --features nccl --test dist nccl`.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_averages_gradients_over_two_gpus() {
+    use mhc_train::dist::nccl::BUCKET_BYTES;
+    let port = free_port();
+    let big = BUCKET_BYTES / 4 + 3;
+    let results = on_ranks(2, move |rank| {
+        let device = Device::new_cuda(rank).expect("this test needs 2 CUDA GPUs");
+        let mut sync = connect(&env(rank, 2, port), &device, Duration::from_secs(60)).unwrap();
+        assert_eq!((sync.rank(), sync.world()), (rank, 2));
+        let r = rank as f32;
+        // a = (r + 1) * [0, 1, ..., 5] as [2, 3]; b = r + 0.5 everywhere (bigger than a bucket);
+        // c = [r, -2r, 4] in bf16.
+        let a = (Tensor::arange(0f32, 6.0, &device).unwrap() * (r as f64 + 1.0))
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::full(r + 0.5, big, &device).unwrap();
+        let c = Tensor::new(&[r, -2.0 * r, 4.0], &device)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let out = sync.all_reduce_mean(&[a, b, c]).unwrap();
+        let mut scalars = [r as f64, 3.0];
+        sync.all_reduce_scalars(&mut scalars).unwrap();
+        sync.check_same("checksum", 7.0).unwrap();
+        let c_dtype = out[2].dtype();
+        let host: Vec<Vec<f32>> = out
+            .iter()
+            .map(|t| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        (host, out[0].dims().to_vec(), c_dtype, scalars)
+    });
+    // Means over r = 0, 1: mean(r + 1) = 1.5, mean(r + 0.5) = 1, mean(r) = 0.5.
+    let want_a: Vec<f32> = (0..6).map(|i| 1.5 * i as f32).collect();
+    for (host, dims, c_dtype, scalars) in &results {
+        assert_eq!(host[0], want_a);
+        assert_eq!(dims, &[2, 3]);
+        assert_eq!(host[1].len(), big);
+        assert!(host[1].iter().all(|&x| x == 1.0));
+        assert_eq!(host[2], [0.5, -1.0, 4.0]);
+        assert_eq!(*c_dtype, DType::BF16);
+        assert_eq!(*scalars, [0.5, 3.0]);
+    }
+}
