@@ -3,6 +3,7 @@
 //!
 //! Data flows one way: config -> data -> model (with mHC ops) -> train loop -> log/checkpoint.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod dist;

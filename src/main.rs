@@ -70,6 +70,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Benchmarks: --train times training steps (plain vs mHC reference vs mHC fused).
+    Bench(BenchArgs),
     /// Run one mHC sublayer (F = RMSNorm) on tensors from a safetensors file, forward and
     /// (with `dout`) backward, to cross-check other implementations.
     #[command(after_help = mhc_train::mhc::apply::APPLY_HELP)]
@@ -87,6 +89,34 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Time real training steps of plain, mHC reference and mHC fused models built from --config.
+    #[arg(long)]
+    train: bool,
+    /// Config of the --train bench (e.g. configs/small.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override a config field (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Untimed steps before timing (--train).
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Timed steps per variant (--train).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Device peak in TFLOP/s for MFU (default: known bf16 peaks of H100/H200/MI300X).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Output folder (default runs/bench-<unix time>): bench.json, bench.md, TensorBoard runs.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Internal: run one --train variant in this process and print its JSON result.
+    #[arg(long, hide = true)]
+    train_variant: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -140,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Some(Command::Bench(args)) => bench(args),
         Some(Command::MhcApply {
             input,
             output,
@@ -182,5 +213,59 @@ fn train(args: TrainArgs) -> Result<()> {
         summary.start_step, summary.steps, summary.wall_secs, summary.final_val_loss, summary.tokens_per_sec
     );
     println!("checkpoint: {}", summary.last_checkpoint.display());
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    use mhc_train::bench::{device, train};
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| "configs/small.toml".into());
+    let config = Config::load(&config_path, &args.set)?;
+    if let Some(variant) = &args.train_variant {
+        let dev = mhc_train::train::trainer::device_for(&config)?;
+        let peak = match args.peak_tflops {
+            Some(tflops) => tflops * 1e12,
+            None if config.dtype == mhc_train::config::DTypeName::Bf16 => {
+                device::bf16_peak_flops(&device::device_name(&dev)?)
+            }
+            None => f64::NAN,
+        };
+        let result = train::run_variant(&config, variant, args.warmup, args.steps, peak)?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+    if !args.train {
+        anyhow::bail!("say what to bench: --train (training steps)");
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        config.run_dir.join(format!("bench-{secs}"))
+    });
+    std::fs::create_dir_all(&out)?;
+    let results = train::run_all(&config_path, &args.set, args.warmup, args.steps, &out)?;
+    let device = mhc_train::train::trainer::device_for(&config)?;
+    let mut md = format!(
+        "# mhc-train bench --train\n\nconfig {} ({}), device {}, dtype {:?}, {} warm-up + {} timed steps per variant, each variant in its own process.\n\n",
+        config_path.display(),
+        args.set.join(" "),
+        device::device_name(&device)?,
+        config.dtype,
+        args.warmup,
+        args.steps
+    );
+    md += &train::markdown(&results);
+    mhc_train::train::trainer::write_atomically(&out.join("bench.md"), &md)?;
+    let json = serde_json::json!({ "config": config, "train": results });
+    mhc_train::train::trainer::write_atomically(
+        &out.join("bench.json"),
+        &serde_json::to_string_pretty(&json)?,
+    )?;
+    println!("{md}");
+    println!("wrote {}", out.display());
     Ok(())
 }

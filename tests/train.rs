@@ -373,3 +373,62 @@ fn data_parallel_workers_match_one_process() {
     );
     assert!(!ok && err.contains("rank"), "{err}");
 }
+
+/// `bench --train` runs the three variants in child processes and reports consistent numbers.
+#[test]
+fn training_bench_reports_every_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = small_config(d, "bench", Residual::Mhc);
+    let file = config_file(d, &config);
+    let out = d.join("bench-out");
+    let (ok, err) = cli(
+        &[
+            "bench",
+            "--train",
+            "--config",
+            &file,
+            "--warmup",
+            "1",
+            "--steps",
+            "3",
+            "--out",
+            &out.display().to_string(),
+        ],
+        d,
+    );
+    assert!(ok, "{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
+    let variants: Vec<&str> = json["train"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(variants, ["plain", "mhc-reference", "mhc-fused"]);
+    for r in json["train"].as_array().unwrap() {
+        let steps: Vec<f64> = r["step_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(steps.len(), 3);
+        let median = r["median_step_ms"].as_f64().unwrap();
+        assert!(steps.contains(&median) && median > 0.0);
+        let tokens = r["tokens_per_step"].as_f64().unwrap();
+        assert_eq!(tokens, (8 * 32) as f64);
+        assert!((r["tokens_per_s"].as_f64().unwrap() - tokens / (median / 1e3)).abs() < 1e-6);
+        assert!(r["final_loss"].as_f64().unwrap().is_finite());
+    }
+    let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
+    assert!(md.contains("| mhc-fused |") && md.contains("overhead vs plain"));
+    // every variant's step times are in its own TensorBoard run
+    for v in variants {
+        assert!(out
+            .join(format!("train-{v}"))
+            .join("metrics.jsonl")
+            .exists());
+    }
+}

@@ -1,0 +1,4 @@
+//! `mhc-train bench`: the seed report's tables measured here, and real training steps.
+
+pub mod device;
+pub mod train;
