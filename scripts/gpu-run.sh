@@ -6,19 +6,25 @@
 #   scripts/gpu-run.sh .bin/test-gpu_mhc-cuda --test-threads=1
 #
 # When .bin/mhc-cuda-bins.tar.xz (scripts/build-cuda.sh --pack) was carried, it is unpacked into
-# .bin/ first: the binaries themselves exceed what the device tool carries.
+# .bin/ first: the binaries themselves exceed what the device tool carries. A file already there
+# that is newer than its copy in the archive (a binary carried loose beside an archive left from an
+# earlier call) is kept.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 archive="$repo_root/.bin/mhc-cuda-bins.tar.xz"
 if [[ -f "$archive" ]]; then
   if command -v xz >/dev/null; then
-    tar -C "$repo_root/.bin" -xJf "$archive"
+    tar -C "$repo_root/.bin" --keep-newer-files --warning=no-ignore-newer -xJf "$archive"
   else
     python3 -c '
-import sys, tarfile
-safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-tarfile.open(sys.argv[1]).extractall(sys.argv[2], **safe)
+import os, sys, tarfile
+dest = sys.argv[2]
+with tarfile.open(sys.argv[1]) as tar:
+    for member in tar:
+        path = os.path.join(dest, member.name)
+        if not (os.path.exists(path) and os.path.getmtime(path) >= member.mtime):
+            tar.extract(member, dest)
 ' "$archive" "$repo_root/.bin"
   fi
   echo "gpu-run: unpacked .bin/mhc-cuda-bins.tar.xz" >&2
