@@ -25,7 +25,8 @@ __device__ __forceinline__ float logit(const float* __restrict__ alpha_b, int c,
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 // Sinkhorn-Knopp on the n x n logits in m (H_res on return): M0 = exp(L - max L), then `iters`
-// times columns then rows normalised by (sum + eps). When `den` is set, the denominator of
+// times columns then rows normalised by (sum + eps) (one division per sum, then products: within
+// an ulp of dividing each entry, and n times fewer divisions on the critical path). When `den` is set, the denominator of
 // half-step h (h = 2*it for columns, 2*it + 1 for rows), entry i, goes to den[(h*N + i) * stride].
 template <int N>
 __device__ void sinkhorn(float (&m)[N][N], int iters, float* __restrict__ den, long long stride) {
@@ -46,8 +47,9 @@ __device__ void sinkhorn(float (&m)[N][N], int iters, float* __restrict__ den, l
             for (int i = 0; i < N; ++i) s += m[i][j];
             s += EPS_SINKHORN;
             if (den) den[((2 * it) * N + j) * stride] = s;
+            const float inv = 1.0f / s;
 #pragma unroll
-            for (int i = 0; i < N; ++i) m[i][j] /= s;
+            for (int i = 0; i < N; ++i) m[i][j] *= inv;
         }
 #pragma unroll
         for (int i = 0; i < N; ++i) {
@@ -56,8 +58,9 @@ __device__ void sinkhorn(float (&m)[N][N], int iters, float* __restrict__ den, l
             for (int j = 0; j < N; ++j) s += m[i][j];
             s += EPS_SINKHORN;
             if (den) den[((2 * it + 1) * N + i) * stride] = s;
+            const float inv = 1.0f / s;
 #pragma unroll
-            for (int j = 0; j < N; ++j) m[i][j] /= s;
+            for (int j = 0; j < N; ++j) m[i][j] *= inv;
         }
     }
 }
@@ -97,9 +100,10 @@ __device__ void sinkhorn_backward(const float (&l)[N][N], float (&dm)[N][N], int
                 float dot = 0.0f;
 #pragma unroll
                 for (int i = 0; i < N; ++i) dot += dm[i][j] * m[i][j];
+                const float inv = 1.0f / d[j];
 #pragma unroll
                 for (int i = 0; i < N; ++i) {
-                    dm[i][j] = (dm[i][j] - dot) / d[j];
+                    dm[i][j] = (dm[i][j] - dot) * inv;
                     m[i][j] *= d[j];
                 }
             }
@@ -181,16 +185,21 @@ template <int N> struct FwdTile {
     static constexpr int KP = K | 1;
     static constexpr int CHUNK = 128;
     static constexpr int EPL = CHUNK / MHC_WAVE;
+    // The block size the kernel is launched with: the phi slice is filled by a fixed number of
+    // independent loads per thread (FILL), issued one chunk ahead.
+    static constexpr int THREADS = 256;
+    static constexpr int FILL = (CHUNK * K + THREADS - 1) / THREADS;
 };
 
 // Fused forward: projection, sum of squares, scale/bias, sigmoids, Sinkhorn; one launch, one read
-// of x. Block = any multiple of the wave size up to MAX_BLOCK; tokens per block = waves * TOKW.
+// of x. Block = FwdTile::THREADS threads; tokens per block = (THREADS / wave size) * TOKW.
 template <typename T, int N>
 __device__ void coeffs_forward(const T* __restrict__ x, const float* __restrict__ phi,
                                const float* __restrict__ alpha_b, float* __restrict__ ext, long long tokens,
                                long long D, int iters) {
     using Tile = FwdTile<N>;
     constexpr int K = Tile::K, TOKW = Tile::TOKW, KP = Tile::KP, CHUNK = Tile::CHUNK, EPL = Tile::EPL;
+    constexpr int THREADS = Tile::THREADS, FILL = Tile::FILL;
     __shared__ float s_phi[CHUNK * KP];
     const int wave = threadIdx.x / MHC_WAVE;
     const int lane = threadIdx.x % MHC_WAVE;
@@ -207,33 +216,50 @@ __device__ void coeffs_forward(const T* __restrict__ x, const float* __restrict_
 #pragma unroll
         for (int c = 0; c < K; ++c) acc[tok][c] = 0.0f;
     }
-    // x of the next chunk is loaded while the current one is multiplied.
-    float xn[TOKW][EPL];
+    // x of the next chunk is loaded while the current one is multiplied. The prefetch registers
+    // hold the raw storage values: converting right after the load would stall the warp on it.
+    // Addresses past D are clamped in bounds; those elements count as zero when converted.
+    T xn[TOKW][EPL];
+    auto fetch_x = [&](long long e0) {
 #pragma unroll
-    for (int q = 0; q < EPL; ++q) {
-        const long long e = q * MHC_WAVE + lane;
+        for (int q = 0; q < EPL; ++q) {
+            const long long e = e0 + q * MHC_WAVE + lane;
+            const long long ec = e < D ? e : D - 1;
 #pragma unroll
-        for (int tok = 0; tok < TOKW; ++tok) xn[tok][q] = e < D ? to_f32(rows[tok][e]) : 0.0f;
-    }
+            for (int tok = 0; tok < TOKW; ++tok) xn[tok][q] = rows[tok][ec];
+        }
+    };
+    fetch_x(0);
+    // phi of the next slice, likewise: FILL independent loads per thread in flight.
+    float pf[FILL];
+    auto fetch_phi = [&](long long e0) {
+#pragma unroll
+        for (int i = 0; i < FILL; ++i) {
+            const int idx = i * THREADS + threadIdx.x;
+            pf[i] = idx < CHUNK * K && e0 + idx / K < D ? phi[e0 * K + idx] : 0.0f;
+        }
+    };
+    fetch_phi(0);
     for (long long e0 = 0; e0 < D; e0 += CHUNK) {
         __syncthreads();  // every wave is done with the previous slice
-        const long long valid = D - e0 < CHUNK ? D - e0 : CHUNK;
-        for (int idx = threadIdx.x; idx < CHUNK * K; idx += blockDim.x) {
-            const int r = idx / K, c = idx % K;
-            s_phi[r * KP + c] = r < valid ? phi[e0 * K + idx] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < FILL; ++i) {
+            const int idx = i * THREADS + threadIdx.x;
+            if (idx < CHUNK * K) s_phi[(idx / K) * KP + idx % K] = pf[i];
         }
         __syncthreads();
+        if (e0 + CHUNK < D) fetch_phi(e0 + CHUNK);
         float xv[TOKW][EPL];
 #pragma unroll
         for (int q = 0; q < EPL; ++q) {
-            const long long e = e0 + CHUNK + q * MHC_WAVE + lane;
+            const bool in = e0 + q * MHC_WAVE + lane < D;
 #pragma unroll
             for (int tok = 0; tok < TOKW; ++tok) {
-                xv[tok][q] = xn[tok][q];
+                xv[tok][q] = in ? to_f32(xn[tok][q]) : 0.0f;
                 ss[tok] += xv[tok][q] * xv[tok][q];
-                xn[tok][q] = e < D ? to_f32(rows[tok][e]) : 0.0f;
             }
         }
+        if (e0 + CHUNK < D) fetch_x(e0 + CHUNK);
 #pragma unroll
         for (int c = 0; c < K; ++c) {
 #pragma unroll
@@ -356,6 +382,7 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
     constexpr int KPAD = BwdRow<N>::KPAD;
     constexpr int EPT = K <= 24 ? 2 : 1;
     constexpr int TOKC = 32;
+    constexpr int TG = 4;  // tokens whose x loads are in flight together
     __shared__ __align__(16) float s_dp[TOKC * KPAD];
     long long e[EPT];
     bool ok[EPT];
@@ -377,31 +404,57 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
         __syncthreads();  // the previous slice of dp is consumed
         for (int idx = threadIdx.x; idx < nt * KPAD; idx += blockDim.x) s_dp[idx] = dp[tc * KPAD + idx];
         __syncthreads();
-        // x of the next token is loaded while the current one is multiplied.
-        float xn[EPT];
+        // x of TG tokens is loaded at once, the next group while this one is multiplied.
+        // Raw storage values (converted at use, not at load: see coeffs_forward); addresses of
+        // elements past D or tokens past the slice are clamped in bounds and count as zero.
+        T xn[TG][EPT];
+        auto fetch_x = [&](int tt0) {
 #pragma unroll
-        for (int q = 0; q < EPT; ++q) xn[q] = ok[q] ? to_f32(x[tc * D + e[q]]) : 0.0f;
-        for (int tt = 0; tt < nt; ++tt) {
-            const float* d = s_dp + tt * KPAD;
-            float xv[EPT], out[EPT];
+            for (int g = 0; g < TG; ++g) {
+                const long long t = tc + (tt0 + g < nt ? tt0 + g : nt - 1);
 #pragma unroll
-            for (int q = 0; q < EPT; ++q) {
-                xv[q] = xn[q];
-                out[q] = d[K] * xv[q];
-                if (tt + 1 < nt) xn[q] = ok[q] ? to_f32(x[(tc + tt + 1) * D + e[q]]) : 0.0f;
+                for (int q = 0; q < EPT; ++q) xn[g][q] = x[t * D + (ok[q] ? e[q] : D - 1)];
             }
+        };
+        fetch_x(0);
+        for (int tt0 = 0; tt0 < nt; tt0 += TG) {
+            float xv[TG][EPT];
 #pragma unroll
-            for (int c = 0; c < K; ++c) {
-                const float dc = d[c];
+            for (int g = 0; g < TG; ++g)
 #pragma unroll
-                for (int q = 0; q < EPT; ++q) {
-                    out[q] += ph[q][c] * dc;
-                    acc[q][c] += xv[q] * dc;
+                for (int q = 0; q < EPT; ++q) xv[g][q] = ok[q] ? to_f32(xn[g][q]) : 0.0f;
+            if (tt0 + TG < nt) fetch_x(tt0 + TG);
+#pragma unroll
+            for (int g = 0; g < TG; ++g) {
+                if (tt0 + g >= nt) break;  // past this slice's tokens
+                // dp row of the token, four columns per shared-memory read (broadcast).
+                const float4* d4 = reinterpret_cast<const float4*>(s_dp + (tt0 + g) * KPAD);
+                float out[EPT];
+#pragma unroll
+                for (int q = 0; q < EPT; ++q) out[q] = 0.0f;
+#pragma unroll
+                for (int c4 = 0; c4 < KPAD / 4; ++c4) {
+                    const float4 v = d4[c4];
+                    const float dv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        const int c = 4 * c4 + u;
+                        if (c < K) {
+#pragma unroll
+                            for (int q = 0; q < EPT; ++q) {
+                                out[q] += ph[q][c] * dv[u];
+                                acc[q][c] += xv[g][q] * dv[u];
+                            }
+                        } else if (c == K) {  // coef: dxbar += coef * xbar
+#pragma unroll
+                            for (int q = 0; q < EPT; ++q) out[q] += dv[u] * xv[g][q];
+                        }
+                    }
                 }
-            }
 #pragma unroll
-            for (int q = 0; q < EPT; ++q)
-                if (ok[q]) dx[(tc + tt) * D + e[q]] = from_f32<T>(out[q]);
+                for (int q = 0; q < EPT; ++q)
+                    if (ok[q]) dx[(tc + tt0 + g) * D + e[q]] = from_f32<T>(out[q]);
+            }
         }
     }
 #pragma unroll

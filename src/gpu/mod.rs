@@ -7,7 +7,9 @@
 //! - [`selftest`]: fused kernels against the candle-ops reference on the device.
 //! - [`bench`]: fused vs reference timings of one mHC sublayer.
 
+pub mod bench;
 pub mod mhc;
+pub mod selftest;
 
 use candle_core::DType;
 
@@ -111,7 +113,7 @@ pub const COEFFS_STATIC: KernelSpec = KernelSpec {
 };
 
 /// Dynamic coefficients: projection, rms, activations, Sinkhorn; ext [T, 2k+1].
-/// Block: a multiple of the wave size; tokens per block = waves * `fwd_tokens_per_wave(n)`.
+/// Block: 256 threads (FwdTile::THREADS); tokens per block = waves * `fwd_tokens_per_wave(n)`.
 pub const COEFFS_FWD: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_fwd",

@@ -1,0 +1,321 @@
+//! The fused mHC kernels on a CUDA device against the candle-ops reference in f64 on the CPU
+//! (spec/mhc.md, "Numerics and tests"): forward outputs (H, u, x') and every gradient (x, phi,
+//! alpha, b, y) of the loss sum(W1 * x') + sum(W2 * u), relative error ||out - ref|| / ||ref||
+//! below 1e-5 for f32 storage and 1e-2 for bf16 storage, over f32/bf16, n in {2, 4, 8}, odd and
+//! vector-aligned C, several T, logit scales 0.01 / 1 / 3, static and dynamic mode. Every output
+//! buffer the kernels write is NaN-poisoned first (`set_poison_outputs`), and every element is
+//! checked finite: a NaN or an unwritten element never passes.
+
+use super::mhc::set_poison_outputs;
+use crate::mhc::{ops, reference, MhcShape};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+const TOL_F32: f64 = 1e-5;
+const TOL_BF16: f64 = 1e-2;
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    dtype: DType,
+    streams: usize,
+    width: usize,
+    tokens: usize,
+    /// Typical size of the logits Ht (through alpha and b).
+    scale: f64,
+    dynamic: bool,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<4} n={} C={:<4} T={:<5} scale={:<4} {:<7}",
+            format!("{:?}", self.dtype).to_lowercase(),
+            self.streams,
+            self.width,
+            self.tokens,
+            self.scale,
+            if self.dynamic { "dynamic" } else { "static" }
+        )
+    }
+}
+
+/// The cases: every dtype x n x mode x logit scale, with (T, C) rotating through sizes that hit
+/// odd C (scalar path), 16-byte-aligned C (vector path), a single token, partial tiles of the
+/// forward and several token ranges of the backward; plus one training-sized case per dtype.
+fn cases() -> Vec<Case> {
+    let sizes = [(1, 129), (37, 256), (300, 67), (130, 1032), (65, 5)];
+    let mut cases = Vec::new();
+    let mut i = 0;
+    for dtype in [DType::F32, DType::BF16] {
+        for streams in [2, 4, 8] {
+            for dynamic in [true, false] {
+                for scale in [0.01, 1.0, 3.0] {
+                    let (tokens, width) = sizes[i % sizes.len()];
+                    i += 1;
+                    cases.push(Case {
+                        dtype,
+                        streams,
+                        width,
+                        tokens,
+                        scale,
+                        dynamic,
+                    });
+                }
+            }
+        }
+        cases.push(Case {
+            dtype,
+            streams: 4,
+            width: 1280,
+            tokens: 2048,
+            scale: 1.0,
+            dynamic: true,
+        });
+    }
+    cases
+}
+
+fn normal(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
+    let dist = Normal::new(0.0, std).expect("positive std");
+    (0..len).map(|_| dist.sample(rng) as f32).collect()
+}
+
+/// One case's inputs on the CPU: x, y in the storage dtype; parameters and loss weights f32.
+struct Inputs {
+    shape: MhcShape,
+    x: Tensor,
+    y: Tensor,
+    phi: Option<Tensor>,
+    alpha: Tensor,
+    b: Tensor,
+    w_post: Tensor,
+    w_pre: Tensor,
+}
+
+fn inputs(case: &Case, seed: u64) -> anyhow::Result<Inputs> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let cpu = Device::Cpu;
+    let (t, n, c) = (case.tokens, case.streams, case.width);
+    let shape = MhcShape {
+        streams: n,
+        width: c,
+        sinkhorn_iters: 20,
+        dynamic: case.dynamic,
+    };
+    let k = shape.k();
+    // Rounded to the storage dtype once, so both sides see the same values.
+    let stored = |v: Vec<f32>, dims: &[usize]| -> anyhow::Result<Tensor> {
+        Ok(Tensor::from_vec(v, dims, &cpu)?.to_dtype(case.dtype)?)
+    };
+    let x = stored(normal(&mut rng, t * n * c, 1.0), &[t, n, c])?;
+    let y = stored(normal(&mut rng, t * c, 1.0), &[t, c])?;
+    let w_post = Tensor::from_vec(normal(&mut rng, t * n * c, 1.0), (t, n, c), &cpu)?;
+    let w_pre = Tensor::from_vec(normal(&mut rng, t * c, 1.0), (t, c), &cpu)?;
+    // phi ~ N(0, 1/(nC)) makes P / r ~ N(0, 1); alpha = scale (+-20% per group) sets the logits'
+    // size, b ~ N(0, scale^2) likewise.
+    let phi = if case.dynamic {
+        let std = (1.0 / (n * c) as f64).sqrt();
+        Some(Tensor::from_vec(
+            normal(&mut rng, n * c * k, std),
+            (n * c, k),
+            &cpu,
+        )?)
+    } else {
+        None
+    };
+    let alpha: Vec<f32> = if case.dynamic {
+        (0..3)
+            .map(|_| (case.scale * rng.random_range(0.8..1.2)) as f32)
+            .collect()
+    } else {
+        vec![0.0; 3]
+    };
+    Ok(Inputs {
+        shape,
+        x,
+        y,
+        phi,
+        alpha: Tensor::from_vec(alpha, 3, &cpu)?,
+        b: Tensor::from_vec(normal(&mut rng, k, case.scale), k, &cpu)?,
+        w_post,
+        w_pre,
+    })
+}
+
+/// Forward outputs and gradients of one implementation, all moved to f64 on the CPU.
+struct Results {
+    h: Tensor,
+    u: Tensor,
+    x_out: Tensor,
+    dx: Tensor,
+    dphi: Option<Tensor>,
+    dalpha: Option<Tensor>,
+    db: Tensor,
+    dy: Tensor,
+}
+
+/// Runs coeffs -> pre, post and the backward of sum(W1 * x') + sum(W2 * u) on `device`, with x
+/// and y in `storage` dtype and parameters in `param` dtype.
+fn run(
+    inp: &Inputs,
+    device: &Device,
+    fused: bool,
+    storage: DType,
+    param: DType,
+) -> anyhow::Result<Results> {
+    let var = |t: &Tensor, dtype: DType| -> anyhow::Result<Var> {
+        Ok(Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?)
+    };
+    let x = var(&inp.x, storage)?;
+    let y = var(&inp.y, storage)?;
+    let phi = inp.phi.as_ref().map(|p| var(p, param)).transpose()?;
+    let alpha = var(&inp.alpha, param)?;
+    let b = var(&inp.b, param)?;
+    let shape = &inp.shape;
+    let (h, u, x_out) = if fused {
+        let h = ops::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
+        (
+            h.clone(),
+            ops::pre(&x, &h, shape)?,
+            ops::post(&x, &h, &y, shape)?,
+        )
+    } else {
+        let h = reference::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
+        (
+            h.clone(),
+            reference::pre(&x, &h, shape)?,
+            reference::post(&x, &h, &y, shape)?,
+        )
+    };
+    let loss_dtype = param;
+    let w_post = inp.w_post.to_dtype(loss_dtype)?.to_device(device)?;
+    let w_pre = inp.w_pre.to_dtype(loss_dtype)?.to_device(device)?;
+    let loss = ((x_out.to_dtype(loss_dtype)? * w_post)?.sum_all()?
+        + (u.to_dtype(loss_dtype)? * w_pre)?.sum_all()?)?;
+    let grads = loss.backward()?;
+    let host = |t: &Tensor| -> anyhow::Result<Tensor> {
+        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?)
+    };
+    let grad = |v: &Var| -> anyhow::Result<Option<Tensor>> { grads.get(v).map(host).transpose() };
+    Ok(Results {
+        dx: grad(&x)?.context("x has no gradient")?,
+        dphi: match &phi {
+            Some(phi) => grad(phi)?,
+            None => None,
+        },
+        dalpha: grad(&alpha)?,
+        db: grad(&b)?.context("b has no gradient")?,
+        dy: grad(&y)?.context("y has no gradient")?,
+        h: host(&h)?,
+        u: host(&u)?,
+        x_out: host(&x_out)?,
+    })
+}
+
+/// ||a - b|| / ||b|| (both f64 on the CPU), with `None` read as zeros of the other's size.
+/// An exact-zero reference asks for an exact-zero result. NaN whenever `a` holds a non-finite
+/// element, so it fails every bound.
+fn rel_err(name: &str, a: Option<&Tensor>, b: Option<&Tensor>) -> anyhow::Result<f64> {
+    let flat = |t: Option<&Tensor>, len: usize| -> anyhow::Result<Vec<f64>> {
+        Ok(match t {
+            Some(t) => t.flatten_all()?.to_vec1::<f64>()?,
+            None => vec![0.0; len],
+        })
+    };
+    let len = a.or(b).map(|t| t.elem_count()).unwrap_or(0);
+    let (a, b) = (flat(a, len)?, flat(b, len)?);
+    if a.len() != b.len() {
+        bail!("{name}: {} elements, reference has {}", a.len(), b.len())
+    }
+    if a.iter().any(|v| !v.is_finite()) {
+        return Ok(f64::NAN);
+    }
+    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    Ok(if norm == 0.0 {
+        if diff == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (diff / norm).sqrt()
+    })
+}
+
+/// Runs one case; returns each quantity's relative error.
+fn check(case: &Case, seed: u64, device: &Device) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let inp = inputs(case, seed)?;
+    let fused = run(&inp, device, true, case.dtype, DType::F32)?;
+    let oracle = run(&inp, &Device::Cpu, false, DType::F64, DType::F64)?;
+    let pairs: [(&'static str, Option<&Tensor>, Option<&Tensor>); 8] = [
+        ("H", Some(&fused.h), Some(&oracle.h)),
+        ("u", Some(&fused.u), Some(&oracle.u)),
+        ("x'", Some(&fused.x_out), Some(&oracle.x_out)),
+        ("dx", Some(&fused.dx), Some(&oracle.dx)),
+        ("dphi", fused.dphi.as_ref(), oracle.dphi.as_ref()),
+        ("dalpha", fused.dalpha.as_ref(), oracle.dalpha.as_ref()),
+        ("db", Some(&fused.db), Some(&oracle.db)),
+        ("dy", Some(&fused.dy), Some(&oracle.dy)),
+    ];
+    pairs
+        .into_iter()
+        .map(|(name, a, b)| Ok((name, rel_err(name, a, b)?)))
+        .collect()
+}
+
+/// Runs every case on `device` (a CUDA device), printing one line per case and a final
+/// "N passed, M failed" line; an error if any case fails.
+pub fn selftest(device: &Device) -> anyhow::Result<()> {
+    if !device.is_cuda() {
+        bail!(
+            "gpu selftest: needs a CUDA device, got {:?}",
+            device.location()
+        )
+    }
+    set_poison_outputs(true);
+    let run_seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    println!("gpu selftest: fused kernels vs f64 reference, seed {run_seed}");
+    let (mut passed, mut failed) = (0, 0);
+    for (i, case) in cases().iter().enumerate() {
+        let seed = run_seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let tol = if case.dtype == DType::F32 {
+            TOL_F32
+        } else {
+            TOL_BF16
+        };
+        match check(case, seed, device) {
+            Ok(errs) => {
+                let ok = errs.iter().all(|(_, e)| *e < tol);
+                let worst = errs
+                    .iter()
+                    .map(|(name, e)| format!("{name} {e:.1e}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                println!("{} {case}  {worst}", if ok { "ok  " } else { "FAIL" });
+                if ok {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            Err(err) => {
+                println!("FAIL {case}  error: {err:#}");
+                failed += 1;
+            }
+        }
+    }
+    set_poison_outputs(false);
+    println!("{passed} passed, {failed} failed (tolerance f32 {TOL_F32:e}, bf16 {TOL_BF16:e})");
+    if failed > 0 {
+        bail!("gpu selftest: {failed} case(s) failed")
+    }
+    Ok(())
+}
