@@ -324,7 +324,9 @@ fn coeffs_backward_t<T: StorageElem>(
         // by the thread that wrote them, never returned.
         let mut den = unsafe { dev.alloc::<f32>((2 * shape.sinkhorn_iters * n * tokens).max(1))? };
         let func = function(dev, &COEFFS_BWD_TOKEN, x.dtype(), n)?;
-        let block = 128;
+        // One thread per token and a long serial Sinkhorn per thread: one-wave blocks spread
+        // small T over more multiprocessors.
+        let block = WAVE;
         let mut b = stream.launch_builder(&func);
         b.arg(&alpha_b_v).arg(&ext_v).arg(&d_ext_v);
         b.arg(&mut dp).arg(&mut den).arg(&mut dalpha_b);
