@@ -175,7 +175,9 @@ __device__ void coeffs_static(const float* __restrict__ alpha_b, float* __restri
 
 // Tiling of the forward projection P = xbar . phi, a skinny GEMM [T, D] x [D, k] (D = n*C).
 // Each warp/wave owns TOKW tokens; its lanes split the reduction axis (lane handles elements
-// e0 + q*WAVE + lane, coalesced across lanes) and keep TOKW x k partial sums in registers. The
+// e0 + q*WAVE + lane, coalesced across lanes) and keep TOKW x k partial sums in registers (about
+// 96: one block per multiprocessor; halving them for two blocks was slower on an H100, as every
+// phi value read from shared memory then feeds half the FMAs). The
 // block shares one CHUNK-row slice of phi in shared memory (rows padded to an odd stride: lanes
 // read different rows of one column without bank conflicts), so phi is read from L2 once per
 // block of (waves x TOKW) tokens instead of once per token.
@@ -380,7 +382,9 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
                                   long long tokens, long long D, long long tokens_per_split) {
     constexpr int K = N * N + 2 * N;
     constexpr int KPAD = BwdRow<N>::KPAD;
-    constexpr int EPT = K <= 24 ? 2 : 1;
+    // One element per thread: phi and dphi rows take 2k registers (80 in all at n = 4), so three
+    // blocks share a multiprocessor (two elements: 152 registers, one block, 12% occupancy).
+    constexpr int EPT = 1;
     constexpr int TOKC = 32;
     constexpr int TG = 4;  // tokens whose x loads are in flight together
     __shared__ __align__(16) float s_dp[TOKC * KPAD];

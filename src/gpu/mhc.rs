@@ -6,7 +6,7 @@
 //! the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
 
 use super::{
-    bwd_row_len, bwd_x_elems_per_thread, fwd_tokens_per_wave, stream_vec_len, KernelSpec, Module,
+    bwd_row_len, fwd_tokens_per_wave, stream_vec_len, KernelSpec, Module, BWD_X_ELEMS_PER_THREAD,
     COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FWD, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD,
     PRE_FWD,
 };
@@ -347,7 +347,7 @@ fn coeffs_backward_t<T: StorageElem>(
     if tokens > 0 && d > 0 {
         let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
         let block = 256;
-        let e_blocks = d.div_ceil(block * bwd_x_elems_per_thread(n));
+        let e_blocks = d.div_ceil(block * BWD_X_ELEMS_PER_THREAD);
         // Enough token ranges for about two blocks per multiprocessor; each range adds one
         // atomic pass over its D x k slice of dphi, so no more than needed.
         let token_chunk = 32;

@@ -149,7 +149,7 @@ pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
 };
 
 /// Coefficient backward through the projection: dx [T, D] written, dphi [D, k] accumulated.
-/// Grid (ceil(D / (block * bwd_x_elems_per_thread(n))), ceil(T / tokens_per_split)).
+/// Grid (ceil(D / (block * BWD_X_ELEMS_PER_THREAD)), ceil(T / tokens_per_split)).
 pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_bwd_x",
@@ -242,7 +242,7 @@ pub const KERNELS: [KernelSpec; 8] = [
 ];
 
 /// Tokens each wave of `mhc_coeffs_fwd` owns (mirrors `FwdTile::TOKW` in mhc_coeffs.cu): as many
-/// as keep TOKW x k partial sums near 96 registers.
+/// as keep TOKW x k partial sums near 96 registers, at most 8.
 pub fn fwd_tokens_per_wave(streams: usize) -> usize {
     let k = streams * streams + 2 * streams;
     (96 / k).clamp(1, 8)
@@ -256,14 +256,7 @@ pub fn bwd_row_len(streams: usize) -> usize {
 }
 
 /// Reduction elements per thread of `mhc_coeffs_bwd_x` (mirrors `EPT` there).
-pub fn bwd_x_elems_per_thread(streams: usize) -> usize {
-    let k = streams * streams + 2 * streams;
-    if k <= 24 {
-        2
-    } else {
-        1
-    }
-}
+pub const BWD_X_ELEMS_PER_THREAD: usize = 1;
 
 /// Elements per thread of the streaming pre/post kernels (mirrors `Vec<T, N>::len`).
 pub fn stream_vec_len(streams: usize, dtype: DType) -> usize {
