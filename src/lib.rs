@@ -7,7 +7,6 @@ pub mod bench;
 pub mod config;
 pub mod data;
 pub mod dist;
-#[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod log;
 pub mod mhc;

@@ -70,6 +70,13 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Fused GPU kernels against the candle-ops reference on fresh random inputs (every shape,
+    /// dtype and gradient of the spec's test matrix); non-zero exit if any case fails.
+    Selftest {
+        /// cuda or cuda:N.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
     /// Benchmarks: --train times training steps (plain vs mHC reference vs mHC fused).
     Bench(BenchArgs),
     /// Run one mHC sublayer (F = RMSNorm) on tensors from a safetensors file, forward and
@@ -171,6 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Bench(args)) => bench(args),
+        Some(Command::Selftest { device }) => selftest(&device),
         Some(Command::MhcApply {
             input,
             output,
@@ -268,4 +276,15 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("{md}");
     println!("wrote {}", out.display());
     Ok(())
+}
+
+fn selftest(device: &str) -> Result<()> {
+    let config = Config::from_toml_str("", &[format!("device={device:?}")])?;
+    let device = mhc_train::train::trainer::device_for(&config)?;
+    #[cfg(feature = "cuda")]
+    return mhc_train::gpu::selftest::selftest(&device);
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!(
+        "selftest needs a GPU build (--features cuda); this binary has none (device {device:?})"
+    )
 }

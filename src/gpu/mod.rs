@@ -7,11 +7,28 @@
 //! - [`selftest`]: fused kernels against the candle-ops reference on the device.
 //! - [`bench`]: fused vs reference timings of one mHC sublayer.
 
+// The kernel table below is plain data (no CUDA needed), shared by every launch layer; the
+// CUDA launch code itself needs the `cuda` feature.
+#[cfg(feature = "cuda")]
 pub mod bench;
+#[cfg(feature = "cuda")]
 pub mod mhc;
+#[cfg(feature = "cuda")]
 pub mod selftest;
 
 use candle_core::DType;
+
+/// Opens CUDA device `ordinal` the way training and benchmarks need it: its memory pool keeps
+/// freed memory (candle frees at every sync; without this, large outputs are re-mapped on every
+/// call and run at half bandwidth). Without the `cuda` feature this is candle's clear error.
+pub fn open_cuda(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = &device {
+        mhc::keep_freed_memory(cuda)?;
+    }
+    Ok(device)
+}
 
 /// The source file (module) a kernel lives in: `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

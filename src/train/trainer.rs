@@ -40,7 +40,7 @@ const HEALTH_TOKENS: usize = 256;
 pub fn device_for(config: &Config) -> Result<Device> {
     Ok(match config.device_kind()? {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda(ordinal) => Device::new_cuda(ordinal.unwrap_or(0))
+        DeviceKind::Cuda(ordinal) => crate::gpu::open_cuda(ordinal.unwrap_or(0))
             .with_context(|| format!("cannot open device {:?}", config.device))?,
     })
 }
@@ -376,7 +376,7 @@ impl Trainer {
 /// `device`, with `cuda` meaning this rank's GPU (LOCAL_RANK) in data-parallel runs.
 fn device_for_rank(config: &Config, env: &DistEnv) -> Result<Device> {
     match config.device_kind()? {
-        DeviceKind::Cuda(None) if env.world > 1 => Device::new_cuda(env.local_rank)
+        DeviceKind::Cuda(None) if env.world > 1 => crate::gpu::open_cuda(env.local_rank)
             .with_context(|| format!("rank {}: cannot open cuda:{}", env.rank, env.local_rank)),
         DeviceKind::Cuda(Some(_)) if env.world > 1 => bail!(
             "device {:?} with WORLD_SIZE={}: use device = \"cuda\" so each rank takes its LOCAL_RANK GPU",
