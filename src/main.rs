@@ -133,6 +133,11 @@ enum ImplArg {
 }
 
 fn main() {
+    // candle attaches a captured backtrace to some errors when RUST_BACKTRACE is set; the user
+    // gets one clear line instead (panics still honour RUST_BACKTRACE).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     if let Err(error) = run(Cli::parse()) {
         // One line: causes joined by ": ", and parser messages (TOML) folded onto the line.
         let message = format!("{error:#}");

@@ -11,7 +11,7 @@ use crate::data;
 use crate::dist::DistEnv;
 use crate::log::{Logger, Record};
 use crate::train::trainer::{device_for, Trainer};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::process::Command;
@@ -41,6 +41,27 @@ pub struct TrainBench {
     /// Peak device memory in use during the steps, bytes (None on CPU).
     pub peak_memory_bytes: Option<f64>,
     pub final_loss: f64,
+    /// Why the variant could not run (e.g. out of memory); the numbers are then empty.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl TrainBench {
+    fn failed(variant: &str, error: String) -> TrainBench {
+        TrainBench {
+            variant: variant.to_string(),
+            params: 0,
+            tokens_per_step: 0,
+            step_ms: vec![],
+            median_step_ms: f64::NAN,
+            tokens_per_s: f64::NAN,
+            flops_per_token: f64::NAN,
+            mfu: None,
+            peak_memory_bytes: None,
+            final_loss: f64::NAN,
+            error: Some(error),
+        }
+    }
 }
 
 /// 6 N + 12 L S C per token (Kaplan et al.; PaLM's appendix), N = matrix weights incl. LM head.
@@ -113,6 +134,7 @@ pub fn run_variant(
         mfu: Some(flops * tokens_per_s / peak_flops).filter(|m| m.is_finite()),
         peak_memory_bytes: Some(peak - memory.baseline()).filter(|m| m.is_finite()),
         final_loss,
+        error: None,
     })
 }
 
@@ -153,10 +175,17 @@ pub fn run_all(
             .output()
             .with_context(|| format!("cannot start the {name} bench"))?;
         if !output.status.success() {
-            bail!(
-                "the {name} training bench failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
+            // One variant failing (the reference running out of memory, say) still leaves the
+            // others worth reporting.
+            let error = String::from_utf8_lossy(&output.stderr);
+            let error = error
+                .lines()
+                .last()
+                .unwrap_or("no message")
+                .trim()
+                .to_string();
+            results.push(TrainBench::failed(name, error));
+            continue;
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout
@@ -194,6 +223,10 @@ pub fn markdown(results: &[TrainBench]) -> String {
         "| variant | params | median step (ms) | tokens/s | MFU | peak memory (GiB) | overhead vs plain | final loss |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
+        if let Some(error) = &r.error {
+            md += &format!("| {} | failed: {error} | | | | | | |\n", r.variant);
+            continue;
+        }
         let overhead = plain
             .map(|p| format!("{:+.1}%", (r.median_step_ms / p - 1.0) * 100.0))
             .unwrap_or_default();
