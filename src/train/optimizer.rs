@@ -68,7 +68,10 @@ impl AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let g = (g.to_dtype(candle_core::DType::F32)? * grad_scale)?;
+            // Gradients built from candle ops of tracked tensors carry their own autograd graph
+            // (the forward's activations); detached, the moments never chain one step's graph
+            // to the next (which would hold every step's activations alive).
+            let g = (g.detach().to_dtype(candle_core::DType::F32)? * grad_scale)?;
             slot.m = ((&slot.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             slot.v = ((&slot.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let update = ((&slot.m / c1)? / ((&slot.v / c2)?.sqrt()? + self.eps)?)?;
@@ -176,5 +179,24 @@ mod tests {
                 "{got:?} vs {expect:?}"
             );
         }
+    }
+
+    /// Gradients made of candle ops carry an autograd graph; the moments must not keep it (a
+    /// graph chained from step to step holds every step's activations: memory grows per step).
+    #[test]
+    fn moments_hold_no_autograd_graph() {
+        let mut params = Params::new(&Device::Cpu, 0);
+        let w = params
+            .f32_param("w", 3, Init::Values(vec![1.0, 2.0, 3.0]), true)
+            .unwrap();
+        let mut opt = AdamW::new(&params, &TrainConfig::default()).unwrap();
+        let loss = (&w * &w).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(&w).unwrap().track_op(),
+            "the gradient itself is tracked"
+        );
+        opt.step(&grads, 0.1, 1.0).unwrap();
+        assert!(opt.slots.iter().all(|s| !s.m.track_op() && !s.v.track_op()));
     }
 }
