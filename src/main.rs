@@ -77,7 +77,9 @@ enum Command {
         #[arg(long, default_value = "cuda")]
         device: String,
     },
-    /// Benchmarks: --train times training steps (plain vs mHC reference vs mHC fused).
+    /// Benchmarks (CUDA): the mHC sublayer tables (fused vs reference, the seed report's sizes and
+    /// training sizes, GB/s vs the bytes floor); --train times training steps (plain vs mHC
+    /// reference vs mHC fused).
     Bench(BenchArgs),
     /// Run one mHC sublayer (F = RMSNorm) on tensors from a safetensors file, forward and
     /// (with `dout`) backward, to cross-check other implementations.
@@ -121,6 +123,9 @@ struct BenchArgs {
     /// Output folder (default runs/bench-<unix time>): bench.json, bench.md, TensorBoard runs.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Timed calls per cell of the layer tables (median reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
     /// Internal: run one --train variant in this process and print its JSON result.
     #[arg(long, hide = true)]
     train_variant: Option<String>,
@@ -249,9 +254,6 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
-    if !args.train {
-        anyhow::bail!("say what to bench: --train (training steps)");
-    }
     let out = args.out.clone().unwrap_or_else(|| {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -260,18 +262,27 @@ fn bench(args: BenchArgs) -> Result<()> {
         config.run_dir.join(format!("bench-{secs}"))
     });
     std::fs::create_dir_all(&out)?;
-    let results = train::run_all(&config_path, &args.set, args.warmup, args.steps, &out)?;
     let device = mhc_train::train::trainer::device_for(&config)?;
     let mut md = format!(
-        "# mhc-train bench --train\n\nconfig {} ({}), device {}, dtype {:?}, {} warm-up + {} timed steps per variant, each variant in its own process.\n\n",
-        config_path.display(),
-        args.set.join(" "),
+        "# mhc-train bench\n\ndevice {}, mhc-train {}\n\n",
         device::device_name(&device)?,
-        config.dtype,
-        args.warmup,
-        args.steps
+        env!("CARGO_PKG_VERSION")
     );
-    md += &train::markdown(&results);
+    let mut results = Vec::new();
+    if args.train {
+        results = train::run_all(&config_path, &args.set, args.warmup, args.steps, &out)?;
+        md += &format!(
+            "## Training steps\n\nconfig {} ({}), dtype {:?}, {} warm-up + {} timed steps per variant, each variant in its own process.\n\n",
+            config_path.display(),
+            args.set.join(" "),
+            config.dtype,
+            args.warmup,
+            args.steps
+        );
+        md += &train::markdown(&results);
+    } else {
+        md += &mhc_train::bench::layer::layer_report(&device, args.reps)?;
+    }
     mhc_train::train::trainer::write_atomically(&out.join("bench.md"), &md)?;
     let json = serde_json::json!({ "config": config, "train": results });
     mhc_train::train::trainer::write_atomically(

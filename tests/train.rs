@@ -424,6 +424,9 @@ fn training_bench_reports_every_variant() {
     }
     let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("| mhc-fused |") && md.contains("overhead vs plain"));
+    // The layer tables need the GPU build: one clear message here.
+    let (ok, err) = cli(&["bench", "--config", &file], d);
+    assert!(!ok && err.contains("needs a CUDA build"), "{err}");
     // every variant's step times are in its own TensorBoard run
     for v in variants {
         assert!(out
