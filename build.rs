@@ -1,24 +1,32 @@
-//! Build script: with the `cuda` feature, compiles every kernels/*.cu with nvcc into a fatbin
-//! (native sm_XX code plus compute_XX PTX for newer GPUs) and embeds them through a generated
-//! `mhc_kernels.rs` in OUT_DIR. Without the feature it does nothing, so the default build needs
-//! no CUDA toolchain.
+//! Build script: compiles every kernels/*.cu for the enabled GPU backends and embeds the results
+//! through generated files in OUT_DIR. Without a GPU feature it does nothing, so the default
+//! build needs no GPU toolchain.
+//!
+//! - `cuda`: nvcc makes one fatbin per file (native sm_XX code plus compute_XX PTX for newer
+//!   GPUs) -> `mhc_kernels.rs`.
+//! - `hip`: clang++ (-x hip) makes one code object per file and AMD architecture (gfx942 = MI300,
+//!   gfx90a = MI200) -> `hip_kernels.rs`; the objects stay in OUT_DIR/hip/<stem>.<arch>.co for
+//!   scripts/check-hip-objects.sh.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// AMD architectures the `hip` build embeds code objects for.
+const HIP_ARCHS: [&str; 2] = ["gfx942", "gfx90a"];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
-        return;
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_cuda();
     }
-    println!("cargo:rerun-if-changed=kernels");
-    for var in ["CUDA_ROOT", "CUDA_PATH", "CUDA_COMPUTE_CAP", "PATH"] {
-        println!("cargo:rerun-if-env-changed={var}");
+    if env::var_os("CARGO_FEATURE_HIP").is_some() {
+        build_hip();
     }
+}
 
-    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let kernel_dir = Path::new("kernels");
+/// kernels/*.cu, sorted.
+fn kernel_sources(kernel_dir: &Path) -> Vec<PathBuf> {
     let mut sources: Vec<PathBuf> = std::fs::read_dir(kernel_dir)
         .expect("kernels/ folder exists")
         .map(|entry| entry.expect("readable kernels/ entry").path())
@@ -26,6 +34,18 @@ fn main() {
         .collect();
     sources.sort();
     assert!(!sources.is_empty(), "no kernels/*.cu to compile");
+    sources
+}
+
+fn build_cuda() {
+    println!("cargo:rerun-if-changed=kernels");
+    for var in ["CUDA_ROOT", "CUDA_PATH", "CUDA_COMPUTE_CAP", "PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let kernel_dir = Path::new("kernels");
+    let sources = kernel_sources(kernel_dir);
 
     let nvcc = find_nvcc();
     // H100/H200 by default; CUDA_COMPUTE_CAP (as candle-kernels reads it, e.g. "90" or "80")
@@ -91,4 +111,125 @@ fn find_nvcc() -> PathBuf {
         }
     }
     PathBuf::from("nvcc")
+}
+
+/// The HIP branch: every kernels/*.cu for every arch of HIP_ARCHS, compiled side by side.
+///
+/// Compiler: $HIP_CLANG, else ROCm's own clang ($HIP_PATH/llvm/bin/clang++ on /opt/rocm), else
+/// Debian's clang++-19 (Debian's hipcc 5.2 and clang-16 reject gfx942). Device libraries:
+/// $HIP_DEVICE_LIB_PATH, else .toolchain/rocm-bitcode (made by scripts/setup-hip.sh: Debian's
+/// libraries plus the gfx942 ISA file they lack), else $HIP_PATH/amdgcn/bitcode (ROCm).
+fn build_hip() {
+    println!("cargo:rerun-if-changed=kernels");
+    for var in ["HIP_PATH", "HIP_CLANG", "HIP_DEVICE_LIB_PATH", "PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let object_dir = out_dir.join("hip");
+    std::fs::create_dir_all(&object_dir).expect("create OUT_DIR/hip");
+    let kernel_dir = Path::new("kernels");
+    let sources = kernel_sources(kernel_dir);
+    let hip_path = env::var_os("HIP_PATH").map(PathBuf::from);
+    let clang = find_hip_clang(hip_path.as_deref());
+    let device_libs = find_device_libs(hip_path.as_deref());
+    println!("cargo:rerun-if-changed={}", device_libs.display());
+
+    let jobs: Vec<_> = sources
+        .iter()
+        .flat_map(|src| HIP_ARCHS.iter().map(move |arch| (src, *arch)))
+        .map(|(src, arch)| {
+            let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+            let object = object_dir.join(format!("{stem}.{arch}.co"));
+            let mut cmd = Command::new(&clang);
+            cmd.args(["-x", "hip", "--cuda-device-only", "--no-gpu-bundle-output"])
+                .arg(format!("--offload-arch={arch}"))
+                .args(["-O3", "-std=c++17", "-mcode-object-version=5"])
+                .arg(format!("--rocm-device-lib-path={}", device_libs.display()));
+            // ROCm's layout (include/hip, lib) under HIP_PATH; Debian's headers sit in
+            // /usr/include, which clang searches anyway.
+            if let Some(root) = hip_path
+                .as_deref()
+                .filter(|root| *root != Path::new("/usr"))
+            {
+                cmd.arg(format!("--rocm-path={}", root.display()));
+            }
+            cmd.arg("-I")
+                .arg(kernel_dir)
+                .arg("-c")
+                .arg(src)
+                .arg("-o")
+                .arg(&object);
+            let src = src.clone();
+            let job = std::thread::spawn(move || (src, cmd.output()));
+            (stem, arch, object, job)
+        })
+        .collect();
+
+    let mut generated = String::from(
+        "// Generated by build.rs: the AMD code object of each kernels/*.cu, by arch and file stem.\n\
+         pub const ARCHS: &[&str] = &[",
+    );
+    for arch in HIP_ARCHS {
+        generated.push_str(&format!("{arch:?}, "));
+    }
+    generated.push_str("];\npub const OBJECTS: &[(&str, &str, &[u8])] = &[\n");
+    for (stem, arch, object, job) in jobs {
+        let (src, output) = job.join().expect("clang thread");
+        let output = output.unwrap_or_else(|err| {
+            panic!(
+                "cannot run {} (install it with scripts/setup-hip.sh, or set HIP_CLANG): {err}",
+                clang.display()
+            )
+        });
+        if !output.status.success() {
+            panic!(
+                "{} failed on {} for {arch}:\n{}{}",
+                clang.display(),
+                src.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        generated.push_str(&format!(
+            "    ({arch:?}, {stem:?}, include_bytes!({:?})),\n",
+            object.display().to_string()
+        ));
+    }
+    generated.push_str("];\n");
+    std::fs::write(out_dir.join("hip_kernels.rs"), generated).expect("write hip_kernels.rs");
+}
+
+fn find_hip_clang(hip_path: Option<&Path>) -> PathBuf {
+    if let Some(clang) = env::var_os("HIP_CLANG") {
+        return PathBuf::from(clang);
+    }
+    if let Some(clang) = hip_path
+        .map(|root| root.join("llvm/bin/clang++"))
+        .filter(|clang| clang.is_file())
+    {
+        return clang;
+    }
+    PathBuf::from("clang++-19")
+}
+
+fn find_device_libs(hip_path: Option<&Path>) -> PathBuf {
+    if let Some(dir) = env::var_os("HIP_DEVICE_LIB_PATH") {
+        return PathBuf::from(dir);
+    }
+    let local = Path::new(".toolchain/rocm-bitcode");
+    if local.join("oclc_isa_version_942.bc").is_file() {
+        return local
+            .canonicalize()
+            .expect("canonical .toolchain/rocm-bitcode");
+    }
+    if let Some(dir) = hip_path
+        .map(|root| root.join("amdgcn/bitcode"))
+        .filter(|dir| dir.join("oclc_isa_version_942.bc").is_file())
+    {
+        return dir;
+    }
+    panic!(
+        "no AMD device libraries with gfx942 support: run scripts/setup-hip.sh (Debian), or set \
+         HIP_PATH to a ROCm install (with amdgcn/bitcode) or HIP_DEVICE_LIB_PATH"
+    )
 }

@@ -8,6 +8,8 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod gpu;
+#[cfg(feature = "hip")]
+pub mod hip;
 pub mod log;
 pub mod mhc;
 pub mod model;

@@ -6,9 +6,8 @@
 //! the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
 
 use super::{
-    bwd_row_len, fwd_tokens_per_wave, stream_vec_len, KernelSpec, Module, BWD_X_ELEMS_PER_THREAD,
-    COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FWD, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD,
-    PRE_FWD,
+    bwd_row_len, DeviceLimits, Geometry, KernelSpec, Module, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
+    COEFFS_FWD, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
@@ -158,22 +157,20 @@ fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize> {
     }
 }
 
-fn grid_1d(items: usize, block: usize, cap: usize) -> u32 {
-    items.div_ceil(block).clamp(1, cap) as u32
+/// The launch rules' view of this device (the table's `KernelSpec::geometry`).
+fn limits(dev: &CudaDevice) -> Result<DeviceLimits> {
+    Ok(DeviceLimits {
+        wave: WAVE,
+        multiprocessors: multiprocessors(dev)?,
+    })
 }
 
-fn cfg(grid: (u32, u32), block: usize) -> LaunchConfig {
+fn cfg(geometry: &Geometry) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (block as u32, 1, 1),
+        grid_dim: (geometry.grid.0, geometry.grid.1, 1),
+        block_dim: (geometry.block, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// Threads per block of the one-block-per-token kernels: enough waves to cover one row's chunks
-/// once, at most 256 (MAX_BLOCK in mhc_common.h).
-fn row_block(width: usize, vec_len: usize) -> usize {
-    (width.div_ceil(vec_len).div_ceil(WAVE) * WAVE).clamp(WAVE, 256)
 }
 
 fn wrap<T: StorageElem>(dev: &CudaDevice, slice: CudaSlice<T>) -> CudaStorage {
@@ -246,22 +243,20 @@ fn coeffs_forward_t<T: StorageElem>(
             let func = function(dev, &COEFFS_FWD, dtype, n)?;
             let x = view::<T>(op, "x", x, x_l)?;
             let phi = view::<f32>(op, "phi", phi, phi_l)?;
-            let block = 256;
-            let per_block = block / WAVE * fwd_tokens_per_wave(n);
+            let geometry = COEFFS_FWD.geometry(&limits(dev)?, shape, dtype, tokens);
             let d_i = d as i64;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
             b.arg(&x).arg(&phi).arg(&alpha_b).arg(&mut ext);
             b.arg(&tokens_i).arg(&d_i).arg(&iters);
-            unsafe { b.launch(cfg((grid_1d(tokens, per_block, usize::MAX >> 1), 1), block)) }
-                .w()?;
+            unsafe { b.launch(cfg(&geometry)) }.w()?;
         } else {
             let func = function(dev, &COEFFS_STATIC, dtype, n)?;
-            let block = 128;
+            let geometry = COEFFS_STATIC.geometry(&limits(dev)?, shape, dtype, tokens);
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
             b.arg(&alpha_b).arg(&mut ext).arg(&tokens_i).arg(&iters);
-            unsafe { b.launch(cfg((grid_1d(tokens, block, usize::MAX >> 1), 1), block)) }.w()?;
+            unsafe { b.launch(cfg(&geometry)) }.w()?;
         }
     }
     Ok((wrap(dev, ext), Shape::from((tokens, 2 * k + 1))))
@@ -326,12 +321,12 @@ fn coeffs_backward_t<T: StorageElem>(
         let func = function(dev, &COEFFS_BWD_TOKEN, x.dtype(), n)?;
         // One thread per token and a long serial Sinkhorn per thread: one-wave blocks spread
         // small T over more multiprocessors.
-        let block = WAVE;
+        let geometry = COEFFS_BWD_TOKEN.geometry(&limits(dev)?, shape, x.dtype(), tokens);
         let mut b = stream.launch_builder(&func);
         b.arg(&alpha_b_v).arg(&ext_v).arg(&d_ext_v);
         b.arg(&mut dp).arg(&mut den).arg(&mut dalpha_b);
         b.arg(&tokens_i).arg(&d_i).arg(&iters);
-        unsafe { b.launch(cfg((grid_1d(tokens, block, usize::MAX >> 1), 1), block)) }.w()?;
+        unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
     let dalpha_b = tensor(wrap(dev, dalpha_b), 3 + k);
     if !shape.dynamic {
@@ -346,21 +341,12 @@ fn coeffs_backward_t<T: StorageElem>(
     let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
     if tokens > 0 && d > 0 {
         let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
-        let block = 256;
-        let e_blocks = d.div_ceil(block * BWD_X_ELEMS_PER_THREAD);
-        // Enough token ranges for about two blocks per multiprocessor; each range adds one
-        // atomic pass over its D x k slice of dphi, so no more than needed.
-        let token_chunk = 32;
-        let splits = (2 * multiprocessors(dev)?)
-            .div_ceil(e_blocks)
-            .clamp(1, tokens.div_ceil(token_chunk));
-        let per_split = tokens.div_ceil(splits);
-        let per_split_i = per_split as i64;
+        let geometry = COEFFS_BWD_X.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+        let per_split_i = geometry.tokens_per_split as i64;
         let mut b = stream.launch_builder(&func);
         b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
         b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
-        let grid = (e_blocks as u32, tokens.div_ceil(per_split) as u32);
-        unsafe { b.launch(cfg(grid, block)) }.w()?;
+        unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
     let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));
     let dphi = tensor(wrap(dev, dphi), (d, k));
@@ -400,16 +386,14 @@ fn pre_forward_t<T: StorageElem>(
     let mut u = alloc_out::<T>(dev, tokens * c)?;
     if tokens > 0 && c > 0 {
         let func = function(dev, &PRE_FWD, x.dtype(), n)?;
+        let geometry = PRE_FWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
         let x_v = view::<T>(op, "x", x, x_l)?;
         let h_v = view::<f32>(op, "h", h, h_l)?;
-        let threads = tokens * c.div_ceil(stream_vec_len(n, x.dtype()));
-        let block = 256;
-        let grid = grid_1d(threads, block, 32 * multiprocessors(dev)?);
         let (tokens_i, c_i) = (tokens as i64, c as i64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&x_v).arg(&h_v).arg(&mut u).arg(&tokens_i).arg(&c_i);
-        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+        unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
     Ok((wrap(dev, u), Shape::from((tokens, c))))
 }
@@ -448,17 +432,16 @@ fn pre_backward_t<T: StorageElem>(
     let mut dh = alloc_out::<f32>(dev, tokens * k)?;
     if tokens > 0 {
         let func = function(dev, &PRE_BWD, x.dtype(), n)?;
+        let geometry = PRE_BWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
         let x_v = view::<T>(op, "x", x_s, x_l)?;
         let h_v = view::<f32>(op, "h", h_s, h_l)?;
         let du_v = view::<T>(op, "du", du_s, du_l)?;
-        let block = row_block(c, stream_vec_len(n, x.dtype()));
-        let grid = grid_1d(tokens, 1, 32 * multiprocessors(dev)?);
         let (tokens_i, c_i) = (tokens as i64, c as i64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dx).arg(&mut dh);
         b.arg(&tokens_i).arg(&c_i);
-        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+        unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
     Ok((
         tensor(wrap(dev, dx), (tokens, n, c)),
@@ -504,12 +487,10 @@ fn post_forward_t<T: StorageElem>(
     let mut out = alloc_out::<T>(dev, tokens * n * c)?;
     if tokens > 0 && c > 0 {
         let func = function(dev, &POST_FWD, x.dtype(), n)?;
+        let geometry = POST_FWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
         let x_v = view::<T>(op, "x", x, x_l)?;
         let h_v = view::<f32>(op, "h", h, h_l)?;
         let y_v = view::<T>(op, "y", y, y_l)?;
-        let threads = tokens * c.div_ceil(stream_vec_len(n, x.dtype()));
-        let block = 256;
-        let grid = grid_1d(threads, block, 32 * multiprocessors(dev)?);
         let (tokens_i, c_i) = (tokens as i64, c as i64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
@@ -519,7 +500,7 @@ fn post_forward_t<T: StorageElem>(
             .arg(&mut out)
             .arg(&tokens_i)
             .arg(&c_i);
-        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+        unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
     Ok((wrap(dev, out), Shape::from((tokens, n, c))))
 }
@@ -568,19 +549,18 @@ fn post_backward_t<T: StorageElem>(
     let mut dy = alloc_out::<T>(dev, tokens * c)?;
     if tokens > 0 {
         let func = function(dev, &POST_BWD, x.dtype(), n)?;
+        let geometry = POST_BWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
         let x_v = view::<T>(op, "x", x_s, x_l)?;
         let h_v = view::<f32>(op, "h", h_s, h_l)?;
         let y_v = view::<T>(op, "y", y_s, y_l)?;
         let g_v = view::<T>(op, "g", g_s, g_l)?;
-        let block = row_block(c, stream_vec_len(n, x.dtype()));
-        let grid = grid_1d(tokens, 1, 32 * multiprocessors(dev)?);
         let (tokens_i, c_i) = (tokens as i64, c as i64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&x_v).arg(&h_v).arg(&y_v).arg(&g_v);
         b.arg(&mut dx).arg(&mut dh).arg(&mut dy);
         b.arg(&tokens_i).arg(&c_i);
-        unsafe { b.launch(cfg((grid, 1), block)) }.w()?;
+        unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
     Ok((
         tensor(wrap(dev, dx), (tokens, n, c)),

@@ -16,6 +16,7 @@ pub mod mhc;
 #[cfg(feature = "cuda")]
 pub mod selftest;
 
+use crate::mhc::MhcShape;
 use candle_core::DType;
 
 /// Opens CUDA device `ordinal` the way training and benchmarks need it: its memory pool keeps
@@ -75,6 +76,63 @@ pub enum Arg {
     I32(&'static str),
 }
 
+/// Threads per block of a kernel: the rule every launch layer applies with its device's warp
+/// (wave) size, 32 on NVIDIA and 64 on AMD gfx9.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// A fixed count, a multiple of both wave sizes and at most `MAX_BLOCK` (the kernel's tiling
+    /// is written for it).
+    Fixed(usize),
+    /// One warp/wave.
+    OneWave,
+    /// One block per token row of C elements taken `stream_vec_len` at a time: enough waves to
+    /// cover the row once, at most `MAX_BLOCK`.
+    Row,
+}
+
+/// Blocks of a launch, by the work each block owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grid {
+    /// `fwd_tokens_per_wave(n)` tokens per wave of the block.
+    TokenTiles,
+    /// One thread per token.
+    ThreadPerToken,
+    /// Grid-stride over (token, vector chunk of C): one thread per chunk, at most
+    /// `BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor.
+    Chunks,
+    /// Grid-stride over tokens, one block per token, capped like `Chunks`.
+    BlockPerToken,
+    /// x over the reduction axis D = n*C (`BWD_X_ELEMS_PER_THREAD` per thread), y over token
+    /// ranges: about two blocks per multiprocessor, ranges of at least `BWD_X_TOKEN_CHUNK` tokens.
+    /// The range length is the kernel's `tokens_per_split` argument.
+    SplitD,
+}
+
+/// Largest block any kernel is launched with (MAX_BLOCK in kernels/mhc_common.h).
+pub const MAX_BLOCK: usize = 256;
+/// Grid-stride kernels: at most this many blocks per multiprocessor.
+pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
+/// `Grid::SplitD`: fewest tokens per range (each range adds one atomic pass over its slice of
+/// dphi, so no more ranges than needed to fill the device).
+pub const BWD_X_TOKEN_CHUNK: usize = 32;
+
+/// What a launch layer knows of its device for the launch rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// Lanes per warp/wave; the kernels are compiled for the same (MHC_WAVE in compat.h).
+    pub wave: usize,
+    pub multiprocessors: usize,
+}
+
+/// Grid and block of one launch, and the `tokens_per_split` argument of `Grid::SplitD` kernels
+/// (0 for the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub grid: (u32, u32),
+    pub block: u32,
+    pub tokens_per_split: usize,
+}
+
 /// A kernel family: one `extern "C"` kernel per stream count n in `MIN_STREAMS..=MAX_STREAMS`
 /// (suffix `_n<n>`) and, when `per_dtype`, per storage dtype (`_f32` / `_bf16` before it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +141,8 @@ pub struct KernelSpec {
     pub stem: &'static str,
     pub per_dtype: bool,
     pub args: &'static [Arg],
+    pub block: Block,
+    pub grid: Grid,
 }
 
 /// Stream counts the kernels are instantiated for.
@@ -111,6 +171,70 @@ impl KernelSpec {
         };
         Ok(format!("{}_{suffix}_n{streams}", self.stem))
     }
+
+    /// The launch of this kernel over `tokens` tokens of `shape` with storage `dtype` (non-zero
+    /// `tokens`; callers skip empty launches).
+    pub fn geometry(
+        &self,
+        limits: &DeviceLimits,
+        shape: &MhcShape,
+        dtype: DType,
+        tokens: usize,
+    ) -> Geometry {
+        let wave = limits.wave;
+        let n = shape.streams;
+        let vec_len = stream_vec_len(n, dtype);
+        let block = match self.block {
+            Block::Fixed(threads) => threads,
+            Block::OneWave => wave,
+            Block::Row => {
+                (shape.width.div_ceil(vec_len).div_ceil(wave) * wave).clamp(wave, MAX_BLOCK)
+            }
+        };
+        let cap = BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1);
+        let blocks = |items: usize, per_block: usize, cap: usize| {
+            items.div_ceil(per_block).clamp(1, cap) as u32
+        };
+        let (grid, tokens_per_split) = match self.grid {
+            Grid::TokenTiles => (
+                (
+                    blocks(
+                        tokens,
+                        block / wave * fwd_tokens_per_wave(n),
+                        u32::MAX as usize,
+                    ),
+                    1,
+                ),
+                0,
+            ),
+            Grid::ThreadPerToken => ((blocks(tokens, block, u32::MAX as usize), 1), 0),
+            Grid::Chunks => (
+                (
+                    blocks(tokens * shape.width.div_ceil(vec_len), block, cap),
+                    1,
+                ),
+                0,
+            ),
+            Grid::BlockPerToken => ((blocks(tokens, 1, cap), 1), 0),
+            Grid::SplitD => {
+                let d = n * shape.width;
+                let d_blocks = d.div_ceil(block * BWD_X_ELEMS_PER_THREAD).max(1);
+                let splits = (2 * limits.multiprocessors.max(1))
+                    .div_ceil(d_blocks)
+                    .clamp(1, tokens.div_ceil(BWD_X_TOKEN_CHUNK).max(1));
+                let per_split = tokens.div_ceil(splits);
+                (
+                    (d_blocks as u32, tokens.div_ceil(per_split) as u32),
+                    per_split,
+                )
+            }
+        };
+        Geometry {
+            grid,
+            block: block as u32,
+            tokens_per_split,
+        }
+    }
 }
 
 use Arg::{Accumulate, In, Out, I32, I64};
@@ -127,6 +251,8 @@ pub const COEFFS_STATIC: KernelSpec = KernelSpec {
         I64("tokens"),
         I32("iters"),
     ],
+    block: Block::Fixed(128),
+    grid: Grid::ThreadPerToken,
 };
 
 /// Dynamic coefficients: projection, rms, activations, Sinkhorn; ext [T, 2k+1].
@@ -144,6 +270,8 @@ pub const COEFFS_FWD: KernelSpec = KernelSpec {
         I64("D"),
         I32("iters"),
     ],
+    block: Block::Fixed(256),
+    grid: Grid::TokenTiles,
 };
 
 /// Coefficient backward, per token (one thread each): dp [T, bwd_row_len(n)], Sinkhorn scratch
@@ -163,6 +291,8 @@ pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
         I64("D"),
         I32("iters"),
     ],
+    block: Block::OneWave,
+    grid: Grid::ThreadPerToken,
 };
 
 /// Coefficient backward through the projection: dx [T, D] written, dphi [D, k] accumulated.
@@ -181,6 +311,8 @@ pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
         I64("D"),
         I64("tokens_per_split"),
     ],
+    block: Block::Fixed(256),
+    grid: Grid::SplitD,
 };
 
 /// u = sum_j H_pre[j] x_j. Grid-stride over (token, chunk of C).
@@ -195,6 +327,8 @@ pub const PRE_FWD: KernelSpec = KernelSpec {
         I64("tokens"),
         I64("C"),
     ],
+    block: Block::Fixed(256),
+    grid: Grid::Chunks,
 };
 
 /// dx_j = H_pre[j] du, dh[pre] = <du, x_j>. One block per token (grid-stride).
@@ -211,6 +345,8 @@ pub const PRE_BWD: KernelSpec = KernelSpec {
         I64("tokens"),
         I64("C"),
     ],
+    block: Block::Row,
+    grid: Grid::BlockPerToken,
 };
 
 /// x'_i = sum_j H_res[i,j] x_j + H_post[i] y. Grid-stride over (token, chunk of C).
@@ -226,6 +362,8 @@ pub const POST_FWD: KernelSpec = KernelSpec {
         I64("tokens"),
         I64("C"),
     ],
+    block: Block::Fixed(256),
+    grid: Grid::Chunks,
 };
 
 /// dy, dx, dh[post, res] from g. One block per token (grid-stride).
@@ -244,6 +382,8 @@ pub const POST_BWD: KernelSpec = KernelSpec {
         I64("tokens"),
         I64("C"),
     ],
+    block: Block::Row,
+    grid: Grid::BlockPerToken,
 };
 
 /// Every kernel family, for checks that walk them all.

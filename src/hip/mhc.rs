@@ -1,0 +1,498 @@
+//! The fused mHC ops on an AMD GPU: the same launch sequences as the CUDA layer
+//! (src/gpu/mhc.rs), on device buffers the caller owns, so a benchmark allocates once and times
+//! launches only. Kernels, argument lists and launch geometry all come from the table in
+//! `crate::gpu` (`KernelSpec::args`, `KernelSpec::geometry` with this device's wave size).
+//!
+//! Launches per op: coeffs forward 1 (dynamic or static); coeffs backward 1 (static) or 2
+//! (dynamic), plus the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
+//! Layouts as in .notes/OPS.md: x [T, n, C], h [T, k], ext and d_ext [T, 2k + 1], phi [nC, k],
+//! alpha_b [3 + k].
+
+use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
+use crate::gpu::{
+    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FWD, COEFFS_STATIC, POST_BWD,
+    POST_FWD, PRE_BWD, PRE_FWD,
+};
+use crate::mhc::MhcShape;
+use anyhow::{bail, Result};
+
+fn check_len<T: DeviceElem>(op: &str, name: &str, buf: &Buffer<T>, want: usize) -> Result<()> {
+    if buf.len() != want {
+        bail!("{op}: {name} has {} elements, expected {want}", buf.len())
+    }
+    Ok(())
+}
+
+fn launch(
+    dev: &Device,
+    spec: &KernelSpec,
+    shape: &MhcShape,
+    dtype: candle_core::DType,
+    tokens: usize,
+    args: &[KernelArg],
+) -> Result<()> {
+    let geometry = spec.geometry(&dev.limits, shape, dtype, tokens);
+    dev.launch(spec, dtype, shape.streams, &geometry, args)
+}
+
+/// Coefficients forward: ext [T, 2k+1] = [H | P | r]. Static mode reads neither x nor phi
+/// (phi may be empty).
+pub fn coeffs_forward<T: DeviceElem>(
+    dev: &Device,
+    shape: &MhcShape,
+    tokens: usize,
+    x: &Buffer<T>,
+    phi: &Buffer<f32>,
+    alpha_b: &Buffer<f32>,
+    ext: &mut Buffer<f32>,
+) -> Result<()> {
+    let op = "mhc-coeffs";
+    let (k, d) = (shape.k(), shape.streams * shape.width);
+    check_len(op, "x", x, tokens * d)?;
+    check_len(op, "phi", phi, if shape.dynamic { d * k } else { 0 })?;
+    check_len(op, "alpha_b", alpha_b, 3 + k)?;
+    check_len(op, "ext", ext, tokens * (2 * k + 1))?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let (tokens_i, iters) = (tokens as i64, shape.sinkhorn_iters as i32);
+    if shape.dynamic {
+        let args = [
+            x.arg(),
+            phi.arg(),
+            alpha_b.arg(),
+            ext.arg_mut(),
+            KernelArg::I64(tokens_i),
+            KernelArg::I64(d as i64),
+            KernelArg::I32(iters),
+        ];
+        launch(dev, &COEFFS_FWD, shape, T::DTYPE, tokens, &args)
+    } else {
+        let args = [
+            alpha_b.arg(),
+            ext.arg_mut(),
+            KernelArg::I64(tokens_i),
+            KernelArg::I32(iters),
+        ];
+        launch(dev, &COEFFS_STATIC, shape, T::DTYPE, tokens, &args)
+    }
+}
+
+/// H [T, k] from ext [T, 2k+1]: its first k columns, one strided device copy.
+pub fn h_of_ext(
+    shape: &MhcShape,
+    tokens: usize,
+    ext: &Buffer<f32>,
+    h: &mut Buffer<f32>,
+) -> Result<()> {
+    let k = shape.k();
+    check_len("mhc-coeffs", "h", h, tokens * k)?;
+    h.copy_columns(k, 0, ext, 2 * k + 1, 0, k, tokens)
+}
+
+/// d_ext [T, 2k+1] from the two partial coefficient gradients, as autograd sums them on CUDA:
+/// pre backward fills only the pre columns of its dh, post backward only the post and res
+/// columns, so each is copied into its columns (the P and r columns are never read).
+pub fn d_ext_of(
+    shape: &MhcShape,
+    tokens: usize,
+    dh_pre: &Buffer<f32>,
+    dh_post: &Buffer<f32>,
+    d_ext: &mut Buffer<f32>,
+) -> Result<()> {
+    let (n, k) = (shape.streams, shape.k());
+    d_ext.copy_columns(2 * k + 1, 0, dh_pre, k, 0, n, tokens)?;
+    d_ext.copy_columns(2 * k + 1, n, dh_post, k, n, k - n, tokens)
+}
+
+/// Scratch of the coefficient backward: dp [T, bwd_row_len(n)] and the Sinkhorn denominators
+/// [2 * iters * n, T]. Only the kernels read it back.
+pub struct CoeffsScratch {
+    dp: Buffer<f32>,
+    den: Buffer<f32>,
+}
+
+impl CoeffsScratch {
+    pub fn new(dev: &Device, shape: &MhcShape, tokens: usize) -> Result<Self> {
+        Ok(Self {
+            dp: dev.alloc_out(tokens * bwd_row_len(shape.streams))?,
+            den: dev.alloc((2 * shape.sinkhorn_iters * shape.streams * tokens).max(1))?,
+        })
+    }
+}
+
+/// Gradient outputs of the coefficient backward; `dx` and `dphi` are unused in static mode.
+pub struct CoeffsGrads<'a, T: DeviceElem> {
+    pub dx: &'a mut Buffer<T>,
+    pub dphi: &'a mut Buffer<f32>,
+    pub dalpha_b: &'a mut Buffer<f32>,
+}
+
+/// Coefficients backward from d_ext (only its first k columns, dH, are read): dalpha_b always;
+/// dx [T, n, C] and dphi [nC, k] in dynamic mode.
+#[allow(clippy::too_many_arguments)]
+pub fn coeffs_backward<T: DeviceElem>(
+    dev: &Device,
+    shape: &MhcShape,
+    tokens: usize,
+    x: &Buffer<T>,
+    phi: &Buffer<f32>,
+    alpha_b: &Buffer<f32>,
+    ext: &Buffer<f32>,
+    d_ext: &Buffer<f32>,
+    scratch: &mut CoeffsScratch,
+    grads: CoeffsGrads<T>,
+) -> Result<()> {
+    let op = "mhc-coeffs backward";
+    let (n, k, d) = (shape.streams, shape.k(), shape.streams * shape.width);
+    check_len(op, "x", x, tokens * d)?;
+    check_len(op, "phi", phi, if shape.dynamic { d * k } else { 0 })?;
+    check_len(op, "alpha_b", alpha_b, 3 + k)?;
+    check_len(op, "ext", ext, tokens * (2 * k + 1))?;
+    check_len(op, "d_ext", d_ext, tokens * (2 * k + 1))?;
+    check_len(op, "dp", &scratch.dp, tokens * bwd_row_len(n))?;
+    check_len(op, "dalpha_b", grads.dalpha_b, 3 + k)?;
+    let (tokens_i, d_i, iters) = (tokens as i64, d as i64, shape.sinkhorn_iters as i32);
+    grads.dalpha_b.zero()?;
+    if tokens > 0 {
+        let args = [
+            alpha_b.arg(),
+            ext.arg(),
+            d_ext.arg(),
+            scratch.dp.arg_mut(),
+            scratch.den.arg_mut(),
+            grads.dalpha_b.arg_mut(),
+            KernelArg::I64(tokens_i),
+            KernelArg::I64(d_i),
+            KernelArg::I32(iters),
+        ];
+        launch(dev, &COEFFS_BWD_TOKEN, shape, T::DTYPE, tokens, &args)?;
+    }
+    if !shape.dynamic {
+        return Ok(());
+    }
+    check_len(op, "dx", grads.dx, tokens * d)?;
+    check_len(op, "dphi", grads.dphi, d * k)?;
+    grads.dphi.zero()?;
+    if tokens > 0 && d > 0 {
+        let geometry = COEFFS_BWD_X.geometry(&dev.limits, shape, T::DTYPE, tokens);
+        let args = [
+            x.arg(),
+            phi.arg(),
+            scratch.dp.arg(),
+            grads.dx.arg_mut(),
+            grads.dphi.arg_mut(),
+            KernelArg::I64(tokens_i),
+            KernelArg::I64(d_i),
+            KernelArg::I64(geometry.tokens_per_split as i64),
+        ];
+        dev.launch(&COEFFS_BWD_X, T::DTYPE, n, &geometry, &args)?;
+    }
+    Ok(())
+}
+
+/// Aggregate: u [T, C] = sum_j H_pre[j] x_j.
+pub fn pre_forward<T: DeviceElem>(
+    dev: &Device,
+    shape: &MhcShape,
+    tokens: usize,
+    x: &Buffer<T>,
+    h: &Buffer<f32>,
+    u: &mut Buffer<T>,
+) -> Result<()> {
+    let op = "mhc-pre";
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    check_len(op, "x", x, tokens * n * c)?;
+    check_len(op, "h", h, tokens * k)?;
+    check_len(op, "u", u, tokens * c)?;
+    if tokens == 0 || c == 0 {
+        return Ok(());
+    }
+    let args = [
+        x.arg(),
+        h.arg(),
+        u.arg_mut(),
+        KernelArg::I64(tokens as i64),
+        KernelArg::I64(c as i64),
+    ];
+    launch(dev, &PRE_FWD, shape, T::DTYPE, tokens, &args)
+}
+
+/// Aggregate backward: dx [T, n, C], dh [T, k] (only the pre columns non-zero).
+#[allow(clippy::too_many_arguments)]
+pub fn pre_backward<T: DeviceElem>(
+    dev: &Device,
+    shape: &MhcShape,
+    tokens: usize,
+    x: &Buffer<T>,
+    h: &Buffer<f32>,
+    du: &Buffer<T>,
+    dx: &mut Buffer<T>,
+    dh: &mut Buffer<f32>,
+) -> Result<()> {
+    let op = "mhc-pre backward";
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    check_len(op, "x", x, tokens * n * c)?;
+    check_len(op, "h", h, tokens * k)?;
+    check_len(op, "du", du, tokens * c)?;
+    check_len(op, "dx", dx, tokens * n * c)?;
+    check_len(op, "dh", dh, tokens * k)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let args = [
+        x.arg(),
+        h.arg(),
+        du.arg(),
+        dx.arg_mut(),
+        dh.arg_mut(),
+        KernelArg::I64(tokens as i64),
+        KernelArg::I64(c as i64),
+    ];
+    launch(dev, &PRE_BWD, shape, T::DTYPE, tokens, &args)
+}
+
+/// Mix + distribute: x' [T, n, C] = H_res x + H_post y.
+#[allow(clippy::too_many_arguments)]
+pub fn post_forward<T: DeviceElem>(
+    dev: &Device,
+    shape: &MhcShape,
+    tokens: usize,
+    x: &Buffer<T>,
+    h: &Buffer<f32>,
+    y: &Buffer<T>,
+    out: &mut Buffer<T>,
+) -> Result<()> {
+    let op = "mhc-post";
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    check_len(op, "x", x, tokens * n * c)?;
+    check_len(op, "h", h, tokens * k)?;
+    check_len(op, "y", y, tokens * c)?;
+    check_len(op, "out", out, tokens * n * c)?;
+    if tokens == 0 || c == 0 {
+        return Ok(());
+    }
+    let args = [
+        x.arg(),
+        h.arg(),
+        y.arg(),
+        out.arg_mut(),
+        KernelArg::I64(tokens as i64),
+        KernelArg::I64(c as i64),
+    ];
+    launch(dev, &POST_FWD, shape, T::DTYPE, tokens, &args)
+}
+
+/// Gradient outputs of the post backward.
+pub struct PostGrads<'a, T: DeviceElem> {
+    pub dx: &'a mut Buffer<T>,
+    pub dh: &'a mut Buffer<f32>,
+    pub dy: &'a mut Buffer<T>,
+}
+
+/// Mix + distribute backward from g [T, n, C]: dx, dh (only post/res columns non-zero), dy.
+#[allow(clippy::too_many_arguments)]
+pub fn post_backward<T: DeviceElem>(
+    dev: &Device,
+    shape: &MhcShape,
+    tokens: usize,
+    x: &Buffer<T>,
+    h: &Buffer<f32>,
+    y: &Buffer<T>,
+    g: &Buffer<T>,
+    grads: PostGrads<T>,
+) -> Result<()> {
+    let op = "mhc-post backward";
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    check_len(op, "x", x, tokens * n * c)?;
+    check_len(op, "h", h, tokens * k)?;
+    check_len(op, "y", y, tokens * c)?;
+    check_len(op, "g", g, tokens * n * c)?;
+    check_len(op, "dx", grads.dx, tokens * n * c)?;
+    check_len(op, "dh", grads.dh, tokens * k)?;
+    check_len(op, "dy", grads.dy, tokens * c)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let args = [
+        x.arg(),
+        h.arg(),
+        y.arg(),
+        g.arg(),
+        grads.dx.arg_mut(),
+        grads.dh.arg_mut(),
+        grads.dy.arg_mut(),
+        KernelArg::I64(tokens as i64),
+        KernelArg::I64(c as i64),
+    ];
+    launch(dev, &POST_BWD, shape, T::DTYPE, tokens, &args)
+}
+
+/// Every buffer of one mHC sublayer x' = H_res x + H_post F(H_pre x) on the device, forward and
+/// backward, allocated once. F runs outside (on the host, or nowhere: with `identity_f`, y is u
+/// and du is dy, so the ops run back to back without F). The gradient of x comes back as its
+/// three contributions (post, pre, coeffs): summing them needs an elementwise kernel that
+/// kernels/ does not have, so callers add them on the host.
+pub struct Sublayer<T: DeviceElem> {
+    pub shape: MhcShape,
+    pub tokens: usize,
+    pub identity_f: bool,
+    pub x: Buffer<T>,
+    pub phi: Buffer<f32>,
+    pub alpha_b: Buffer<f32>,
+    pub ext: Buffer<f32>,
+    pub h: Buffer<f32>,
+    pub u: Buffer<T>,
+    /// F(u); unused with `identity_f`.
+    pub y: Buffer<T>,
+    pub x_out: Buffer<T>,
+    /// dL/dx'.
+    pub g: Buffer<T>,
+    /// dL/du; unused with `identity_f`.
+    pub du: Buffer<T>,
+    pub dx_post: Buffer<T>,
+    pub dh_post: Buffer<f32>,
+    pub dy: Buffer<T>,
+    pub dx_pre: Buffer<T>,
+    pub dh_pre: Buffer<f32>,
+    pub d_ext: Buffer<f32>,
+    pub dx_coeffs: Buffer<T>,
+    pub dphi: Buffer<f32>,
+    pub dalpha_b: Buffer<f32>,
+    scratch: CoeffsScratch,
+}
+
+impl<T: DeviceElem> Sublayer<T> {
+    /// Uploads x [T, n, C], phi [nC, k] (empty in static mode) and alpha_b [3 + k]; allocates
+    /// the rest.
+    pub fn new(
+        dev: &Device,
+        shape: MhcShape,
+        identity_f: bool,
+        x: &[T],
+        phi: &[f32],
+        alpha_b: &[f32],
+    ) -> Result<Self> {
+        let (n, c, k) = (shape.streams, shape.width, shape.k());
+        let d = n * c;
+        if d == 0 || !x.len().is_multiple_of(d) {
+            bail!(
+                "mhc sublayer: x has {} elements, not a multiple of n*C = {d}",
+                x.len()
+            )
+        }
+        let tokens = x.len() / d;
+        let unused = |len: usize| if identity_f { 0 } else { len };
+        let dynamic_len = |len: usize| if shape.dynamic { len } else { 0 };
+        Ok(Self {
+            shape,
+            tokens,
+            identity_f,
+            x: dev.upload(x)?,
+            phi: dev.upload(phi)?,
+            alpha_b: dev.upload(alpha_b)?,
+            ext: dev.alloc_out(tokens * (2 * k + 1))?,
+            h: dev.alloc_out(tokens * k)?,
+            u: dev.alloc_out(tokens * c)?,
+            y: dev.alloc(unused(tokens * c))?,
+            x_out: dev.alloc_out(tokens * d)?,
+            g: dev.alloc(tokens * d)?,
+            du: dev.alloc(unused(tokens * c))?,
+            dx_post: dev.alloc_out(tokens * d)?,
+            dh_post: dev.alloc_out(tokens * k)?,
+            dy: dev.alloc_out(tokens * c)?,
+            dx_pre: dev.alloc_out(tokens * d)?,
+            dh_pre: dev.alloc_out(tokens * k)?,
+            d_ext: dev.zeros(tokens * (2 * k + 1))?,
+            dx_coeffs: dev.alloc_out(dynamic_len(tokens * d))?,
+            dphi: dev.alloc(dynamic_len(d * k))?,
+            dalpha_b: dev.alloc(3 + k)?,
+            scratch: CoeffsScratch::new(dev, &shape, tokens)?,
+        })
+    }
+
+    /// ext, h and u = H_pre x.
+    pub fn forward_pre(&mut self, dev: &Device) -> Result<()> {
+        let (shape, t) = (&self.shape, self.tokens);
+        coeffs_forward(
+            dev,
+            shape,
+            t,
+            &self.x,
+            &self.phi,
+            &self.alpha_b,
+            &mut self.ext,
+        )?;
+        h_of_ext(shape, t, &self.ext, &mut self.h)?;
+        pre_forward(dev, shape, t, &self.x, &self.h, &mut self.u)
+    }
+
+    /// x' = H_res x + H_post y (y = u with `identity_f`).
+    pub fn forward_post(&mut self, dev: &Device) -> Result<()> {
+        let y = if self.identity_f { &self.u } else { &self.y };
+        post_forward(
+            dev,
+            &self.shape,
+            self.tokens,
+            &self.x,
+            &self.h,
+            y,
+            &mut self.x_out,
+        )
+    }
+
+    /// From g: dx_post, dh_post, dy.
+    pub fn backward_post(&mut self, dev: &Device) -> Result<()> {
+        let y = if self.identity_f { &self.u } else { &self.y };
+        let grads = PostGrads {
+            dx: &mut self.dx_post,
+            dh: &mut self.dh_post,
+            dy: &mut self.dy,
+        };
+        post_backward(
+            dev,
+            &self.shape,
+            self.tokens,
+            &self.x,
+            &self.h,
+            y,
+            &self.g,
+            grads,
+        )
+    }
+
+    /// From du (dy with `identity_f`): dx_pre, dh_pre, then d_ext and the coefficient backward
+    /// (dx_coeffs, dphi, dalpha_b).
+    pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
+        let (shape, t) = (&self.shape, self.tokens);
+        let du = if self.identity_f { &self.dy } else { &self.du };
+        pre_backward(
+            dev,
+            shape,
+            t,
+            &self.x,
+            &self.h,
+            du,
+            &mut self.dx_pre,
+            &mut self.dh_pre,
+        )?;
+        d_ext_of(shape, t, &self.dh_pre, &self.dh_post, &mut self.d_ext)?;
+        let grads = CoeffsGrads {
+            dx: &mut self.dx_coeffs,
+            dphi: &mut self.dphi,
+            dalpha_b: &mut self.dalpha_b,
+        };
+        coeffs_backward(
+            dev,
+            shape,
+            t,
+            &self.x,
+            &self.phi,
+            &self.alpha_b,
+            &self.ext,
+            &self.d_ext,
+            &mut self.scratch,
+            grads,
+        )
+    }
+}

@@ -1,0 +1,352 @@
+//! The fused mHC kernels on an AMD GPU against the candle-ops reference in f64 on the CPU: the
+//! same cases, loss and bounds as the CUDA selftest (src/gpu/selftest.rs, spec/mhc.md "Numerics
+//! and tests"). Forward outputs (H, u, x') and every gradient (x, phi, alpha, b, y) of
+//! sum(W1 * x') + sum(W2 * u), relative error ||out - ref|| / ||ref|| below 1e-5 for f32 storage
+//! and 1e-2 for bf16, every output buffer NaN-poisoned first and every element checked finite.
+
+use super::mhc::Sublayer;
+use super::runtime::{Device, DeviceElem};
+use crate::mhc::cpu::Elem;
+use crate::mhc::{reference, MhcShape};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device as Cpu, Tensor, Var};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+const TOL_F32: f64 = 1e-5;
+const TOL_BF16: f64 = 1e-2;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub dtype: DType,
+    pub streams: usize,
+    pub width: usize,
+    pub tokens: usize,
+    /// Typical size of the logits Ht (through alpha and b).
+    pub scale: f64,
+    pub dynamic: bool,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<4} n={} C={:<4} T={:<5} scale={:<4} {:<7}",
+            format!("{:?}", self.dtype).to_lowercase(),
+            self.streams,
+            self.width,
+            self.tokens,
+            self.scale,
+            if self.dynamic { "dynamic" } else { "static" }
+        )
+    }
+}
+
+/// The CUDA selftest's cases: every dtype x n x mode x logit scale, with (T, C) rotating through
+/// odd C (scalar path), 16-byte-aligned C (vector path), a single token, partial tiles and
+/// several token ranges; plus one training-sized case per dtype.
+pub fn cases() -> Vec<Case> {
+    let sizes = [(1, 129), (37, 256), (300, 67), (130, 1032), (65, 5)];
+    let mut cases = Vec::new();
+    let mut i = 0;
+    for dtype in [DType::F32, DType::BF16] {
+        for streams in [2, 4, 8] {
+            for dynamic in [true, false] {
+                for scale in [0.01, 1.0, 3.0] {
+                    let (tokens, width) = sizes[i % sizes.len()];
+                    i += 1;
+                    cases.push(Case {
+                        dtype,
+                        streams,
+                        width,
+                        tokens,
+                        scale,
+                        dynamic,
+                    });
+                }
+            }
+        }
+        cases.push(Case {
+            dtype,
+            streams: 4,
+            width: 1280,
+            tokens: 2048,
+            scale: 1.0,
+            dynamic: true,
+        });
+    }
+    cases
+}
+
+fn normal(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
+    let dist = Normal::new(0.0, std).expect("positive std");
+    (0..len).map(|_| dist.sample(rng) as f32).collect()
+}
+
+/// One case's inputs, x and y already rounded to the storage dtype (kept as f32 values), so
+/// both sides see the same numbers.
+struct Inputs {
+    shape: MhcShape,
+    tokens: usize,
+    x: Vec<f32>,
+    y: Vec<f32>,
+    phi: Vec<f32>,
+    alpha: Vec<f32>,
+    b: Vec<f32>,
+    w_post: Vec<f32>,
+    w_pre: Vec<f32>,
+}
+
+fn round<T: Elem>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&a| T::from_f32(a).to_f32()).collect()
+}
+
+fn inputs<T: Elem>(case: &Case, seed: u64) -> Inputs {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (t, n, c) = (case.tokens, case.streams, case.width);
+    let shape = MhcShape {
+        streams: n,
+        width: c,
+        sinkhorn_iters: 20,
+        dynamic: case.dynamic,
+    };
+    let k = shape.k();
+    let x = round::<T>(&normal(&mut rng, t * n * c, 1.0));
+    let y = round::<T>(&normal(&mut rng, t * c, 1.0));
+    let w_post = normal(&mut rng, t * n * c, 1.0);
+    let w_pre = normal(&mut rng, t * c, 1.0);
+    // phi ~ N(0, 1/(nC)) makes P / r ~ N(0, 1); alpha = scale (+-20% per group) sets the logits'
+    // size, b ~ N(0, scale^2) likewise.
+    let phi = if case.dynamic {
+        normal(&mut rng, n * c * k, (1.0 / (n * c) as f64).sqrt())
+    } else {
+        Vec::new()
+    };
+    let alpha: Vec<f32> = if case.dynamic {
+        (0..3)
+            .map(|_| (case.scale * rng.random_range(0.8..1.2)) as f32)
+            .collect()
+    } else {
+        vec![0.0; 3]
+    };
+    let b = normal(&mut rng, k, case.scale);
+    Inputs {
+        shape,
+        tokens: t,
+        x,
+        y,
+        phi,
+        alpha,
+        b,
+        w_post,
+        w_pre,
+    }
+}
+
+/// Forward outputs and gradients, as f64 (None = not produced).
+struct Results {
+    h: Vec<f64>,
+    u: Vec<f64>,
+    x_out: Vec<f64>,
+    dx: Vec<f64>,
+    dphi: Option<Vec<f64>>,
+    dalpha: Option<Vec<f64>>,
+    db: Vec<f64>,
+    dy: Vec<f64>,
+}
+
+fn f64s<T: Elem>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|a| a.to_f32() as f64).collect()
+}
+
+/// The fused kernels on `dev`: forward, then the backward of the loss with dL/dx' = W1 and
+/// dL/du = W2 in the storage dtype (as autograd hands them to the ops), dx summed on the host.
+fn fused<T: DeviceElem + Elem>(dev: &Device, inp: &Inputs) -> Result<Results> {
+    let to_t = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
+    let alpha_b: Vec<f32> = inp.alpha.iter().chain(&inp.b).copied().collect();
+    let mut layer = Sublayer::new(dev, inp.shape, false, &to_t(&inp.x), &inp.phi, &alpha_b)?;
+    layer.y.copy_from_host(&to_t(&inp.y))?;
+    layer.g.copy_from_host(&to_t(&inp.w_post))?;
+    layer.du.copy_from_host(&to_t(&inp.w_pre))?;
+    layer.forward_pre(dev)?;
+    layer.forward_post(dev)?;
+    layer.backward_post(dev)?;
+    layer.backward_pre(dev)?;
+    let mut dx = f64s(&layer.dx_post.to_host()?);
+    let mut parts = vec![layer.dx_pre.to_host()?];
+    if inp.shape.dynamic {
+        parts.push(layer.dx_coeffs.to_host()?);
+    }
+    for part in parts {
+        for (acc, v) in dx.iter_mut().zip(part) {
+            *acc += v.to_f32() as f64;
+        }
+    }
+    let dalpha_b = f64s(&layer.dalpha_b.to_host()?);
+    Ok(Results {
+        h: f64s(&layer.h.to_host()?),
+        u: f64s(&layer.u.to_host()?),
+        x_out: f64s(&layer.x_out.to_host()?),
+        dx,
+        dphi: if inp.shape.dynamic {
+            Some(f64s(&layer.dphi.to_host()?))
+        } else {
+            None
+        },
+        dalpha: Some(dalpha_b[..3].to_vec()),
+        db: dalpha_b[3..].to_vec(),
+        dy: f64s(&layer.dy.to_host()?),
+    })
+}
+
+/// The candle-ops reference in f64 on the CPU, gradients by autograd.
+fn oracle(inp: &Inputs) -> Result<Results> {
+    let (t, n, c, k) = (
+        inp.tokens,
+        inp.shape.streams,
+        inp.shape.width,
+        inp.shape.k(),
+    );
+    let var = |v: &[f32], dims: &[usize]| -> Result<Var> {
+        Ok(Var::from_tensor(
+            &Tensor::from_slice(v, dims, &Cpu::Cpu)?.to_dtype(DType::F64)?,
+        )?)
+    };
+    let x = var(&inp.x, &[t, n, c])?;
+    let y = var(&inp.y, &[t, c])?;
+    let phi = if inp.shape.dynamic {
+        Some(var(&inp.phi, &[n * c, k])?)
+    } else {
+        None
+    };
+    let alpha = var(&inp.alpha, &[3])?;
+    let b = var(&inp.b, &[k])?;
+    let shape = &inp.shape;
+    let h = reference::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
+    let u = reference::pre(&x, &h, shape)?;
+    let x_out = reference::post(&x, &h, &y, shape)?;
+    let w_post = Tensor::from_slice(&inp.w_post, (t, n, c), &Cpu::Cpu)?.to_dtype(DType::F64)?;
+    let w_pre = Tensor::from_slice(&inp.w_pre, (t, c), &Cpu::Cpu)?.to_dtype(DType::F64)?;
+    let loss = ((&x_out * w_post)?.sum_all()? + (&u * w_pre)?.sum_all()?)?;
+    let grads = loss.backward()?;
+    let flat = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1::<f64>()?) };
+    let grad = |v: &Var| -> Result<Option<Vec<f64>>> { grads.get(v).map(flat).transpose() };
+    Ok(Results {
+        h: flat(&h)?,
+        u: flat(&u)?,
+        x_out: flat(&x_out)?,
+        dx: grad(&x)?.context("x has no gradient")?,
+        dphi: match &phi {
+            Some(phi) => grad(phi)?,
+            None => None,
+        },
+        dalpha: grad(&alpha)?,
+        db: grad(&b)?.context("b has no gradient")?,
+        dy: grad(&y)?.context("y has no gradient")?,
+    })
+}
+
+/// ||a - b|| / ||b|| with None read as zeros of the other's length; an exact-zero reference asks
+/// for an exact-zero result; NaN when `a` holds a non-finite element, so it fails every bound.
+pub fn rel_err(name: &str, a: Option<&[f64]>, b: Option<&[f64]>) -> Result<f64> {
+    let len = a.or(b).map(|v| v.len()).unwrap_or(0);
+    let zeros = vec![0.0; len];
+    let (a, b) = (a.unwrap_or(&zeros), b.unwrap_or(&zeros));
+    if a.len() != b.len() {
+        bail!("{name}: {} elements, reference has {}", a.len(), b.len())
+    }
+    if a.iter().any(|v| !v.is_finite()) {
+        return Ok(f64::NAN);
+    }
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    Ok(if norm == 0.0 {
+        if diff == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (diff / norm).sqrt()
+    })
+}
+
+fn check_case(dev: &Device, case: &Case, seed: u64) -> Result<Vec<(&'static str, f64)>> {
+    let (fused, oracle) = match case.dtype {
+        DType::F32 => {
+            let inp = inputs::<f32>(case, seed);
+            (fused::<f32>(dev, &inp)?, oracle(&inp)?)
+        }
+        DType::BF16 => {
+            let inp = inputs::<bf16>(case, seed);
+            (fused::<bf16>(dev, &inp)?, oracle(&inp)?)
+        }
+        other => bail!("selftest: storage dtype {other:?} is not supported"),
+    };
+    type Pair<'a> = (&'static str, Option<&'a [f64]>, Option<&'a [f64]>);
+    let pairs: [Pair; 8] = [
+        ("H", Some(&fused.h), Some(&oracle.h)),
+        ("u", Some(&fused.u), Some(&oracle.u)),
+        ("x'", Some(&fused.x_out), Some(&oracle.x_out)),
+        ("dx", Some(&fused.dx), Some(&oracle.dx)),
+        ("dphi", fused.dphi.as_deref(), oracle.dphi.as_deref()),
+        ("dalpha", fused.dalpha.as_deref(), oracle.dalpha.as_deref()),
+        ("db", Some(&fused.db), Some(&oracle.db)),
+        ("dy", Some(&fused.dy), Some(&oracle.dy)),
+    ];
+    pairs
+        .into_iter()
+        .map(|(name, a, b)| Ok((name, rel_err(name, a, b)?)))
+        .collect()
+}
+
+/// Runs every case on AMD GPU 0, one line per case and a closing "N passed, M failed" line; an
+/// error if any case fails or no AMD GPU is there.
+pub fn selftest() -> Result<()> {
+    let dev = Device::open(0)?;
+    dev.set_poison_outputs(true);
+    let run_seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    println!(
+        "hip selftest on {} ({}, {} CUs, wave {}): fused kernels vs f64 reference, seed {run_seed}",
+        dev.name, dev.arch, dev.limits.multiprocessors, dev.limits.wave
+    );
+    let (mut passed, mut failed) = (0, 0);
+    for (i, case) in cases().iter().enumerate() {
+        let seed = run_seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let tol = if case.dtype == DType::F32 {
+            TOL_F32
+        } else {
+            TOL_BF16
+        };
+        match check_case(&dev, case, seed) {
+            Ok(errs) => {
+                let ok = errs.iter().all(|(_, e)| *e < tol);
+                let all = errs
+                    .iter()
+                    .map(|(name, e)| format!("{name} {e:.1e}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                println!("{} {case}  {all}", if ok { "ok  " } else { "FAIL" });
+                if ok {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            Err(err) => {
+                println!("FAIL {case}  error: {err:#}");
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed (tolerance f32 {TOL_F32:e}, bf16 {TOL_BF16:e})");
+    if failed > 0 {
+        bail!("hip selftest: {failed} case(s) failed")
+    }
+    Ok(())
+}
