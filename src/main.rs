@@ -123,6 +123,10 @@ struct BenchArgs {
     /// Output folder (default runs/bench-<unix time>): bench.json, bench.md, TensorBoard runs.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// `hip` runs the layer tables on an AMD GPU (a --features hip build); default: the config's
+    /// device.
+    #[arg(long)]
+    device: Option<String>,
     /// Timed calls per cell of the layer tables (median reported).
     #[arg(long, default_value_t = 20)]
     reps: usize,
@@ -195,6 +199,15 @@ fn run(cli: Cli) -> Result<()> {
             imp,
             device,
         }) => {
+            #[cfg(feature = "hip")]
+            let hip = || mhc_train::hip::mhc_apply(&input, &output);
+            #[cfg(not(feature = "hip"))]
+            let hip = || Ok(());
+            if let Some(result) = on_hip(&device, hip) {
+                result?;
+                println!("wrote {}", output.display());
+                return Ok(());
+            }
             let config = Config::from_toml_str("", &[format!("device={device:?}")])?;
             let device = mhc_train::train::trainer::device_for(&config)?;
             let imp = match imp {
@@ -240,7 +253,19 @@ fn bench(args: BenchArgs) -> Result<()> {
         .config
         .clone()
         .unwrap_or_else(|| "configs/small.toml".into());
-    let config = Config::load(&config_path, &args.set)?;
+    #[cfg(feature = "hip")]
+    let hip = || mhc_train::hip::bench(args.reps);
+    #[cfg(not(feature = "hip"))]
+    let hip = || Ok(String::new());
+    if let Some(tables) = on_hip(args.device.as_deref().unwrap_or(""), hip) {
+        println!("{}", tables?);
+        return Ok(());
+    }
+    let mut sets = args.set.clone();
+    if let Some(device) = &args.device {
+        sets.push(format!("device={device:?}"));
+    }
+    let config = Config::load(&config_path, &sets)?;
     if let Some(variant) = &args.train_variant {
         let dev = mhc_train::train::trainer::device_for(&config)?;
         let peak = match args.peak_tflops {
@@ -294,7 +319,28 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--device hip`: the AMD path (kernels through hip-sys, no candle), when built with it.
+fn on_hip<T>(device: &str, run: impl FnOnce() -> Result<T>) -> Option<Result<T>> {
+    if device != "hip" {
+        return None;
+    }
+    if cfg!(feature = "hip") {
+        Some(run())
+    } else {
+        Some(Err(anyhow::anyhow!(
+            "--device hip: this binary was built without --features hip (scripts/build-hip.sh)"
+        )))
+    }
+}
+
 fn selftest(device: &str) -> Result<()> {
+    #[cfg(feature = "hip")]
+    let hip = mhc_train::hip::selftest;
+    #[cfg(not(feature = "hip"))]
+    let hip = || Ok(());
+    if let Some(result) = on_hip(device, hip) {
+        return result;
+    }
     let config = Config::from_toml_str("", &[format!("device={device:?}")])?;
     let device = mhc_train::train::trainer::device_for(&config)?;
     #[cfg(feature = "cuda")]
