@@ -105,7 +105,11 @@ struct BenchArgs {
     /// Time real training steps of plain, mHC reference and mHC fused models built from --config.
     #[arg(long)]
     train: bool,
-    /// Config of the --train bench (e.g. configs/small.toml).
+    /// With --train: also run the layer tables (the default when --train is not given).
+    #[arg(long)]
+    layers: bool,
+    /// Config of the --train bench, and the device of the layer tables (default
+    /// configs/small.toml).
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Override a config field (repeatable).
@@ -120,7 +124,8 @@ struct BenchArgs {
     /// Device peak in TFLOP/s for MFU (default: known bf16 peaks of H100/H200/MI300X).
     #[arg(long)]
     peak_tflops: Option<f64>,
-    /// Output folder (default runs/bench-<unix time>): bench.json, bench.md, TensorBoard runs.
+    /// Output folder (default runs/bench-<unix time>): bench.json, bench.md, speedup.png,
+    /// TensorBoard runs.
     #[arg(long)]
     out: Option<PathBuf>,
     /// `hip` runs the layer tables on an AMD GPU (a --features hip build); default: the config's
@@ -130,6 +135,9 @@ struct BenchArgs {
     /// Timed calls per cell of the layer tables (median reported).
     #[arg(long, default_value_t = 20)]
     reps: usize,
+    /// Timed calls per cell of the isolated-op tables (median reported).
+    #[arg(long, default_value_t = 100)]
+    op_reps: usize,
     /// Internal: run one --train variant in this process and print its JSON result.
     #[arg(long, hide = true)]
     train_variant: Option<String>,
@@ -248,7 +256,7 @@ fn train(args: TrainArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    use mhc_train::bench::{device, train};
+    use mhc_train::bench::{device, layer, report, train};
     let config_path = args
         .config
         .clone()
@@ -286,34 +294,44 @@ fn bench(args: BenchArgs) -> Result<()> {
             .unwrap_or(0);
         config.run_dir.join(format!("bench-{secs}"))
     });
-    std::fs::create_dir_all(&out)?;
-    let device = mhc_train::train::trainer::device_for(&config)?;
-    let mut md = format!(
-        "# mhc-train bench\n\ndevice {}, mhc-train {}\n\n",
-        device::device_name(&device)?,
-        env!("CARGO_PKG_VERSION")
-    );
-    let mut results = Vec::new();
-    if args.train {
-        results = train::run_all(&config_path, &args.set, args.warmup, args.steps, &out)?;
-        md += &format!(
-            "## Training steps\n\nconfig {} ({}), dtype {:?}, {} warm-up + {} timed steps per variant, each variant in its own process.\n\n",
-            config_path.display(),
-            args.set.join(" "),
-            config.dtype,
-            args.warmup,
-            args.steps
+    let layers = !args.train || args.layers;
+    if layers && !cfg!(feature = "cuda") {
+        anyhow::bail!(
+            "bench: the layer tables need a CUDA build (scripts/build-cuda.sh); this binary has \
+             none (bench --train alone runs here)"
         );
-        md += &train::markdown(&results);
-    } else {
-        md += &mhc_train::bench::layer::layer_report(&device, args.reps)?;
     }
-    mhc_train::train::trainer::write_atomically(&out.join("bench.md"), &md)?;
-    let json = serde_json::json!({ "config": config, "train": results });
-    mhc_train::train::trainer::write_atomically(
-        &out.join("bench.json"),
-        &serde_json::to_string_pretty(&json)?,
-    )?;
+    std::fs::create_dir_all(&out)?;
+    // Training steps first, each variant in a child process: this process holds no device
+    // memory yet that could crowd them out.
+    let train = if args.train {
+        let results = train::run_all(&config_path, &args.set, args.warmup, args.steps, &out)?;
+        Some(report::TrainSection {
+            config_path: config_path.display().to_string(),
+            overrides: args.set.clone(),
+            dtype: format!("{:?}", config.dtype).to_lowercase(),
+            warmup: args.warmup,
+            steps: args.steps,
+            config: serde_json::to_value(&config)?,
+            results,
+        })
+    } else {
+        None
+    };
+    let device = mhc_train::train::trainer::device_for(&config)?;
+    // Before the layer tables: the clocks as the run found them.
+    let header = report::Header::collect(device::device_name(&device)?, layer::cuda_version());
+    let layer = if layers {
+        Some(layer::run(&device, args.reps, args.op_reps)?)
+    } else {
+        None
+    };
+    let report = report::Report {
+        header,
+        layer,
+        train,
+    };
+    let md = report.write(&out)?;
     println!("{md}");
     println!("wrote {}", out.display());
     Ok(())

@@ -1,7 +1,10 @@
-//! Timing of one mHC sublayer with F = RMSNorm on a CUDA device, fused kernels against the
-//! candle-ops reference: forward and forward+backward, with CUDA events around each call, warm-up
-//! first, the L2 cache flushed (a 256 MB write) before every timed call, medians of `reps`. The
-//! device's memory pool keeps freed memory (`keep_freed_memory`), as a trainer's should.
+//! Timing on a CUDA device for `mhc-train bench`: one mHC sublayer with F = RMSNorm (fused
+//! kernels against the candle-ops reference, forward and forward+backward), isolated ops
+//! (RMSNorm, sigmoid), correctness of fused bf16 against the f32 reference, peak pool memory.
+//! CUDA events around each call, warm-up first, the L2 cache flushed (an in-place 256 MB memset)
+//! before every timed call, medians of `reps`. The device's memory pool keeps freed memory
+//! (`keep_freed_memory`), as a trainer's should; it is trimmed between variants so each one's
+//! peak starts from its own inputs.
 //!
 //! Bytes floor (what an ideal implementation must move through device memory, per call):
 //! with X = T*n*C and U = T*C elements of the storage dtype,
@@ -12,21 +15,31 @@
 //!
 //! Coefficients, parameters and their gradients are O(T*k + n*C*k) and left out.
 
-use crate::mhc::apply::rms_norm;
+use crate::bench::report::{
+    Diff, LayerConfig, Measurement, FUSED_BF16, FUSED_F32, REF_BF16, REF_F32,
+};
+use crate::mhc::apply::{rms_norm, RMS_NORM_EPS};
 use crate::mhc::{ops, reference, MhcShape};
 use anyhow::{bail, Context};
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-use candle_core::cuda_backend::cudarc::driver::CudaStream;
+use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Device, Tensor, Var};
 use std::sync::Arc;
 
 /// Bytes of the L2 flush write: well above the 50-60 MB L2 of an H100/H200.
-const FLUSH_BYTES: usize = 256 << 20;
+pub const FLUSH_BYTES: usize = 256 << 20;
+/// Untimed calls before the timed ones (module load, cuBLAS handles, pool growth).
+pub const WARMUP: usize = 2;
+/// What the "fused" RMSNorm rows of the isolated-op table run.
+pub const FUSED_RMS_NORM: &str = "`candle_nn::ops::rms_norm` (candle's one-kernel forward; \
+     gamma in the storage dtype)";
 
 struct Timer {
     stream: Arc<CudaStream>,
-    flush: Tensor,
+    /// Written in place before each timed call: a memset allocates nothing, so the pool's
+    /// high-water mark sees only the timed work.
+    flush: std::cell::RefCell<CudaSlice<u8>>,
 }
 
 impl Timer {
@@ -36,26 +49,30 @@ impl Timer {
         };
         // As a trainer should: without it every large output is re-mapped on each call.
         super::mhc::keep_freed_memory(dev)?;
+        let stream = dev.cuda_stream();
+        let flush = stream.alloc_zeros::<u8>(FLUSH_BYTES).w()?;
         Ok(Self {
-            stream: dev.cuda_stream(),
-            flush: Tensor::zeros(FLUSH_BYTES / 4, DType::F32, device)?,
+            stream,
+            flush: std::cell::RefCell::new(flush),
         })
     }
 
-    /// Median device time in ms of `f` over `reps` calls after 2 warm-up calls; L2 flushed
-    /// before each call.
+    /// Median device time in ms of `f` over `reps` calls after `WARMUP` warm-up calls; L2
+    /// flushed before each call.
     fn median_ms(
         &self,
         reps: usize,
         mut f: impl FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<f64> {
-        for _ in 0..2 {
+        for _ in 0..WARMUP {
             f()?;
         }
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps {
-            // A fresh write of the whole flush buffer evicts x and friends from L2.
-            let _ = self.flush.affine(1.0, 1.0)?;
+            // A write of the whole flush buffer evicts x and friends from L2.
+            self.stream
+                .memset_zeros(&mut *self.flush.borrow_mut())
+                .w()?;
             let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
             let start = self.stream.record_event(flags).w()?;
             f()?;
@@ -131,8 +148,34 @@ impl Sublayer {
             phi: phi.map(|p| Var::from_tensor(&p)).transpose()?,
             alpha: Var::from_tensor(&Tensor::full(alpha_value, 3, device)?)?,
             b: Var::from_tensor(&Tensor::randn(0f32, 1.0, k, device)?)?,
-            gamma: Var::from_tensor(&Tensor::ones(width, DType::F32, device)?)?,
+            // Not all ones: a gamma of ones would hide a kernel that ignores it.
+            gamma: Var::from_tensor(&(Tensor::randn(0f32, 0.1, width, device)? + 1.0)?)?,
         })
+    }
+
+    /// The same sublayer with x upcast to f32 (parameters are f32 already): the reference's
+    /// inputs hold exactly the values the bf16 one sees.
+    fn to_f32(&self) -> candle_core::Result<Self> {
+        let copy = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?.copy()?);
+        Ok(Self {
+            shape: self.shape,
+            x: copy(&self.x)?,
+            phi: self.phi.as_ref().map(copy).transpose()?,
+            alpha: copy(&self.alpha)?,
+            b: copy(&self.b)?,
+            gamma: copy(&self.gamma)?,
+        })
+    }
+
+    /// x' and the gradient of sum(x' * g) in x, both as f32.
+    fn output_and_dx(&self, fused: bool, g: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let out = self.forward(fused)?.to_dtype(DType::F32)?;
+        let grads = (&out * g)?.sum_all()?.backward()?;
+        let dx = grads
+            .get(self.x.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("bench: no gradient for x".into()))?
+            .to_dtype(DType::F32)?;
+        Ok((out, dx))
     }
 
     /// x' of the sublayer, through the fused ops or the reference.
@@ -146,7 +189,7 @@ impl Sublayer {
             ops::post(x, &h, &y, shape)
         } else {
             let h = reference::coeffs(x, phi, alpha, b, shape)?;
-            let y = rms_norm(&reference::pre(x, &h, shape)?, self.gamma.as_tensor())?;
+            let y = candle_ops_rms_norm(&reference::pre(x, &h, shape)?, self.gamma.as_tensor())?;
             reference::post(x, &h, &y, shape)
         }
     }
@@ -319,4 +362,262 @@ pub fn bench_ops(
         }
     }
     Ok(out)
+}
+
+/// F of the candle-ops variants: RMSNorm over the last axis as candle basic ops in f32 (upcast,
+/// mean of squares, sqrt, divide, scale, cast back), what `mhc::apply::rms_norm` ran before the
+/// fused RMSNorm op; the fused variants use `mhc::apply::rms_norm`, whatever the trainer runs.
+fn candle_ops_rms_norm(u: &Tensor, gamma: &Tensor) -> candle_core::Result<Tensor> {
+    let u32 = u.to_dtype(DType::F32)?;
+    let rms = (u32.sqr()?.mean_keepdim(1)? + RMS_NORM_EPS)?.sqrt()?;
+    u32.broadcast_div(&rms)?
+        .broadcast_mul(gamma)?
+        .to_dtype(u.dtype())
+}
+
+/// The CUDA driver's version as `major.minor` (cuDriverGetVersion).
+pub fn driver_cuda_version() -> String {
+    let mut version = 0i32;
+    // SAFETY: a plain driver query with a valid out-pointer.
+    match unsafe { sys::cuDriverGetVersion(&mut version) }.result() {
+        Ok(()) => format!("{}.{}", version / 1000, version % 1000 / 10),
+        Err(err) => format!("unknown ({err:?})"),
+    }
+}
+
+/// The device's default memory pool, which candle's stream-ordered allocations come from: its
+/// bytes in use and their high-water mark.
+struct Pool {
+    pool: sys::CUmemoryPool,
+    stream: Arc<CudaStream>,
+}
+
+impl Pool {
+    fn new(dev: &candle_core::CudaDevice) -> anyhow::Result<Self> {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().w()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: a plain driver query on this context's device with a valid out-pointer.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+            .result()
+            .w()?;
+        Ok(Self { pool, stream })
+    }
+
+    fn attribute(&self, attribute: sys::CUmemPool_attribute) -> anyhow::Result<f64> {
+        let mut value = 0u64;
+        // SAFETY: the byte-count attributes are 64-bit values.
+        unsafe {
+            sys::cuMemPoolGetAttribute(self.pool, attribute, (&mut value as *mut u64).cast())
+        }
+        .result()
+        .w()?;
+        Ok(value as f64)
+    }
+
+    /// Bytes allocated from the pool and not yet freed.
+    fn used(&self) -> anyhow::Result<f64> {
+        self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    /// Highest `used()` since the last `reset_peak`.
+    fn peak(&self) -> anyhow::Result<f64> {
+        let high = self.attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        Ok(high.max(self.used()?))
+    }
+
+    /// Waits for pending frees, hands unused pool memory back to the device (so one variant's
+    /// kept memory cannot crowd out the next) and restarts the high-water mark.
+    fn reset_peak(&self) -> anyhow::Result<()> {
+        self.stream.synchronize().w()?;
+        // SAFETY: plain driver calls on a valid pool; the high-water mark can only be set to 0.
+        unsafe { sys::cuMemPoolTrimTo(self.pool, 0) }.result().w()?;
+        let mut zero = 0u64;
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                self.pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        }
+        .result()
+        .w()?;
+        Ok(())
+    }
+}
+
+/// The layer bench on one CUDA device: timer, pool and copy bandwidth.
+pub struct Bench {
+    device: Device,
+    timer: Timer,
+    pool: Pool,
+    copy_gbs: f64,
+}
+
+impl Bench {
+    pub fn new(device: &Device) -> anyhow::Result<Self> {
+        let timer = Timer::new(device)?;
+        let Device::Cuda(dev) = device else {
+            bail!("bench: needs a CUDA device")
+        };
+        let pool = Pool::new(dev)?;
+        let copy_gbs = copy_bandwidth(device, &timer).context("bench: copy bandwidth")?;
+        Ok(Self {
+            device: device.clone(),
+            timer,
+            pool,
+            copy_gbs,
+        })
+    }
+
+    /// Device-to-device copy bandwidth, GB/s (read + write).
+    pub fn copy_gbs(&self) -> f64 {
+        self.copy_gbs
+    }
+
+    /// Median forward time of an isolated op ("rmsnorm" or "sigmoid") on a random rows x cols
+    /// tensor, variant one of `report::OP_VARIANTS`.
+    pub fn op(
+        &self,
+        op: &str,
+        rows: usize,
+        cols: usize,
+        variant: &str,
+        reps: usize,
+    ) -> Measurement {
+        self.op_result(op, rows, cols, variant, reps)
+            .unwrap_or_else(Measurement::failed)
+    }
+
+    fn op_result(
+        &self,
+        op: &str,
+        rows: usize,
+        cols: usize,
+        variant: &str,
+        reps: usize,
+    ) -> anyhow::Result<Measurement> {
+        let (dtype, fused) = match variant {
+            REF_F32 => (DType::F32, false),
+            REF_BF16 => (DType::BF16, false),
+            FUSED_F32 => (DType::F32, true),
+            FUSED_BF16 => (DType::BF16, true),
+            other => bail!("bench: unknown op variant {other:?}"),
+        };
+        let d = &self.device;
+        let x = Tensor::randn(0f32, 1.0, (rows, cols), d)?.to_dtype(dtype)?;
+        let gamma = (Tensor::randn(0f32, 0.1, cols, d)? + 1.0)?;
+        let gamma_storage = gamma.to_dtype(dtype)?;
+        let run = || -> candle_core::Result<Tensor> {
+            match (op, fused) {
+                ("rmsnorm", false) => candle_ops_rms_norm(&x, &gamma),
+                ("rmsnorm", true) => {
+                    candle_nn::ops::rms_norm(&x, &gamma_storage, RMS_NORM_EPS as f32)
+                }
+                ("sigmoid", false) => (x.neg()?.exp()? + 1.0)?.recip(),
+                ("sigmoid", true) => candle_nn::ops::sigmoid(&x),
+                _ => Err(candle_core::Error::Msg(format!("bench: unknown op {op:?}"))),
+            }
+        };
+        let ms = self.timer.median_ms(reps, || {
+            run()?;
+            Ok(())
+        })?;
+        Ok(Measurement {
+            ms: Some(ms),
+            ..Measurement::default()
+        })
+    }
+
+    /// Forward and forward+backward of one sublayer variant (`report::LAYER_VARIANTS`): median
+    /// time and peak pool memory, inputs and parameters included.
+    pub fn layer(
+        &self,
+        config: &LayerConfig,
+        variant: &str,
+        reps: usize,
+    ) -> (Measurement, Measurement) {
+        let (dtype, fused) = match variant {
+            REF_F32 => (DType::F32, false),
+            REF_BF16 => (DType::BF16, false),
+            FUSED_BF16 => (DType::BF16, true),
+            other => {
+                let m = Measurement::failed(format!("unknown layer variant {other:?}"));
+                return (m.clone(), m);
+            }
+        };
+        let base = match self.pool.reset_peak().and_then(|()| self.pool.used()) {
+            Ok(base) => base,
+            Err(err) => return (Measurement::failed(&err), Measurement::failed(err)),
+        };
+        let layer = match Sublayer::new(
+            &self.device,
+            dtype,
+            config.tokens,
+            config.width,
+            config.streams,
+            config.dynamic,
+        ) {
+            Ok(layer) => layer,
+            Err(err) => return (Measurement::failed(&err), Measurement::failed(err)),
+        };
+        let measure = |backward: bool| -> Measurement {
+            let result = (|| -> anyhow::Result<Measurement> {
+                // Not the input-making temporaries (x made in f32, then cast): only the calls.
+                self.pool.reset_peak()?;
+                let ms = self.timer.median_ms(reps, || {
+                    let out = layer.forward(fused)?;
+                    if backward {
+                        out.backward()?;
+                    }
+                    Ok(())
+                })?;
+                Ok(Measurement {
+                    ms: Some(ms),
+                    peak_bytes: Some(self.pool.peak()? - base).filter(|b| *b > 0.0),
+                    error: None,
+                })
+            })();
+            result.unwrap_or_else(Measurement::failed)
+        };
+        let fwd = measure(false);
+        let fwd_bwd = measure(true);
+        (fwd, fwd_bwd)
+    }
+
+    /// Fused bf16 against the candle-ops f32 reference on the same inputs: (x', dx) differences.
+    pub fn accuracy(&self, config: &LayerConfig) -> anyhow::Result<(Diff, Diff)> {
+        self.pool.reset_peak()?;
+        let fused = Sublayer::new(
+            &self.device,
+            DType::BF16,
+            config.tokens,
+            config.width,
+            config.streams,
+            config.dynamic,
+        )?;
+        let reference = fused.to_f32()?;
+        let g = Tensor::randn(0f32, 1.0, fused.x.as_tensor().dims(), &self.device)?;
+        let (out, dx) = fused.output_and_dx(true, &g)?;
+        let (out_ref, dx_ref) = reference.output_and_dx(false, &g)?;
+        Ok((diff(&out, &out_ref)?, diff(&dx, &dx_ref)?))
+    }
+}
+
+/// Differences of two f32 tensors, reduced on the device (training sizes hold 10^9 elements).
+fn diff(fused: &Tensor, reference: &Tensor) -> candle_core::Result<Diff> {
+    let d = (fused - reference)?;
+    let abs = d.abs()?;
+    let scalar =
+        |t: Tensor| -> candle_core::Result<f64> { t.to_dtype(DType::F64)?.to_scalar::<f64>() };
+    // Sums in f64 on the device: f32 sums over 10^9 terms lose digits.
+    let sum64 = |t: &Tensor| scalar(t.to_dtype(DType::F64)?.sum_all()?);
+    Ok(Diff::from_sums(
+        scalar(abs.max_all()?)?,
+        sum64(&abs)?,
+        sum64(&d.sqr()?)?,
+        sum64(&reference.sqr()?)?,
+        d.elem_count(),
+    ))
 }
