@@ -376,10 +376,16 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
 // Grid: x over the reduction axis D (each thread owns EPT elements and their k phi values and k
 // dphi sums in registers), y over token ranges of `tokens_per_split`. dp rows of the block's
 // tokens pass through shared memory TOKC at a time and are read as broadcasts.
-template <typename T, int N>
+//
+// SUM (the chained sublayer backward, .notes/OPS.md): dx also takes the other two contributions
+// of the sublayer, read in the same pass, so the sublayer's dx is written once:
+//   dx[t, j*C + c] += dx_post[t, j*C + c] + H_pre[t, j] * du[t, c]      (H_pre = h[t, 0..n))
+template <typename T, int N, bool SUM>
 __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restrict__ phi,
-                                  const float* __restrict__ dp, T* __restrict__ dx, float* __restrict__ dphi,
-                                  long long tokens, long long D, long long tokens_per_split) {
+                                  const float* __restrict__ dp, const T* __restrict__ dx_post,
+                                  const T* __restrict__ du, const float* __restrict__ h, T* __restrict__ dx,
+                                  float* __restrict__ dphi, long long tokens, long long D, long long C,
+                                  long long tokens_per_split) {
     constexpr int K = N * N + 2 * N;
     constexpr int KPAD = BwdRow<N>::KPAD;
     // One element per thread: phi and dphi rows take 2k registers (80 in all at n = 4), so three
@@ -388,13 +394,18 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
     constexpr int TOKC = 32;
     constexpr int TG = 4;  // tokens whose x loads are in flight together
     __shared__ __align__(16) float s_dp[TOKC * KPAD];
-    long long e[EPT];
+    long long e[EPT], col[EPT];
+    int stream[EPT];
     bool ok[EPT];
     float ph[EPT][K], acc[EPT][K];
 #pragma unroll
     for (int q = 0; q < EPT; ++q) {
         e[q] = (blockIdx.x * (long long)EPT + q) * blockDim.x + threadIdx.x;
         ok[q] = e[q] < D;
+        if (SUM) {
+            stream[q] = ok[q] ? (int)(e[q] / C) : 0;
+            col[q] = ok[q] ? e[q] % C : 0;
+        }
 #pragma unroll
         for (int c = 0; c < K; ++c) {
             ph[q][c] = ok[q] ? phi[e[q] * K + c] : 0.0f;
@@ -411,22 +422,34 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
         // x of TG tokens is loaded at once, the next group while this one is multiplied.
         // Raw storage values (converted at use, not at load: see coeffs_forward); addresses of
         // elements past D or tokens past the slice are clamped in bounds and count as zero.
-        T xn[TG][EPT];
+        T xn[TG][EPT], pn[TG][EPT], un[TG][EPT];
+        float hn[TG][EPT];
         auto fetch_x = [&](int tt0) {
 #pragma unroll
             for (int g = 0; g < TG; ++g) {
                 const long long t = tc + (tt0 + g < nt ? tt0 + g : nt - 1);
 #pragma unroll
-                for (int q = 0; q < EPT; ++q) xn[g][q] = x[t * D + (ok[q] ? e[q] : D - 1)];
+                for (int q = 0; q < EPT; ++q) {
+                    const long long el = ok[q] ? e[q] : D - 1;
+                    xn[g][q] = x[t * D + el];
+                    if (SUM) {
+                        pn[g][q] = dx_post[t * D + el];
+                        un[g][q] = du[t * C + col[q]];
+                        hn[g][q] = h[t * (N * N + 2 * N) + stream[q]];
+                    }
+                }
             }
         };
         fetch_x(0);
         for (int tt0 = 0; tt0 < nt; tt0 += TG) {
-            float xv[TG][EPT];
+            float xv[TG][EPT], base[TG][EPT];
 #pragma unroll
             for (int g = 0; g < TG; ++g)
 #pragma unroll
-                for (int q = 0; q < EPT; ++q) xv[g][q] = ok[q] ? to_f32(xn[g][q]) : 0.0f;
+                for (int q = 0; q < EPT; ++q) {
+                    xv[g][q] = ok[q] ? to_f32(xn[g][q]) : 0.0f;
+                    base[g][q] = SUM ? to_f32(pn[g][q]) + hn[g][q] * to_f32(un[g][q]) : 0.0f;
+                }
             if (tt0 + TG < nt) fetch_x(tt0 + TG);
 #pragma unroll
             for (int g = 0; g < TG; ++g) {
@@ -435,7 +458,7 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
                 const float4* d4 = reinterpret_cast<const float4*>(s_dp + (tt0 + g) * KPAD);
                 float out[EPT];
 #pragma unroll
-                for (int q = 0; q < EPT; ++q) out[q] = 0.0f;
+                for (int q = 0; q < EPT; ++q) out[q] = base[g][q];
 #pragma unroll
                 for (int c4 = 0; c4 < KPAD / 4; ++c4) {
                     const float4 v = d4[c4];
@@ -481,45 +504,62 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
 #define BWD_X_PARAMS(T) \
     const T *x, const float *phi, const float *dp, T *dx, float *dphi, long long tokens, long long D, \
         long long tokens_per_split
+#define BWD_X_SUM_PARAMS(T) \
+    const T *x, const float *phi, const float *dp, const T *dx_post, const T *du, const float *h, T *dx, \
+        float *dphi, long long tokens, long long D, long long C, long long tokens_per_split
 extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_fwd_f32_n2(FWD_PARAMS(float)) { coeffs_forward<float, 2>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_fwd_bf16_n2(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 2>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_fwd_f32_n3(FWD_PARAMS(float)) { coeffs_forward<float, 3>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_fwd_bf16_n3(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 3>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_fwd_f32_n4(FWD_PARAMS(float)) { coeffs_forward<float, 4>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_fwd_bf16_n4(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 4>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_fwd_f32_n5(FWD_PARAMS(float)) { coeffs_forward<float, 5>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_fwd_bf16_n5(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 5>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_fwd_f32_n6(FWD_PARAMS(float)) { coeffs_forward<float, 6>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_fwd_bf16_n6(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 6>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_fwd_f32_n7(FWD_PARAMS(float)) { coeffs_forward<float, 7>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_fwd_bf16_n7(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 7>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_fwd_f32_n8(FWD_PARAMS(float)) { coeffs_forward<float, 8>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_fwd_bf16_n8(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 8>(x, phi, alpha_b, ext, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8>(x, phi, dp, dx, dphi, tokens, D, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }

@@ -36,6 +36,7 @@ fn image(module: Module) -> &'static [u8] {
         Module::Coeffs => embedded::MHC_COEFFS,
         Module::Pre => embedded::MHC_PRE,
         Module::Post => embedded::MHC_POST,
+        Module::RmsNorm => embedded::RMS_NORM,
     }
 }
 
@@ -54,7 +55,7 @@ fn caches() -> &'static Mutex<HashMap<DeviceId, DeviceCache>> {
 }
 
 /// The kernel of `spec` for this dtype and n, loaded once per device.
-fn function(
+pub(super) fn function(
     dev: &CudaDevice,
     spec: &KernelSpec,
     dtype: DType,
@@ -106,7 +107,9 @@ pub fn set_poison_outputs(on: bool) {
 }
 
 /// Storage element types the kernels take, with the NaN used for poisoning.
-trait StorageElem: CudaDType + DeviceRepr + ValidAsZeroBits + Copy + 'static {
+pub(super) trait StorageElem:
+    CudaDType + DeviceRepr + ValidAsZeroBits + Copy + 'static
+{
     const NAN: Self;
 }
 impl StorageElem for f32 {
@@ -117,7 +120,7 @@ impl StorageElem for bf16 {
 }
 
 /// An output buffer every element of which the kernel writes (NaN-filled in test mode).
-fn alloc_out<T: StorageElem>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+pub(super) fn alloc_out<T: StorageElem>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
     if POISON_OUTPUTS.load(Ordering::Relaxed) {
         return dev.clone_htod(&vec![T::NAN; len]);
     }
@@ -126,7 +129,7 @@ fn alloc_out<T: StorageElem>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T
 }
 
 /// The contiguous elements of a tensor's storage, as a view from its start offset.
-fn view<'a, T: StorageElem>(
+pub(super) fn view<'a, T: StorageElem>(
     op: &str,
     name: &str,
     storage: &'a CudaStorage,
@@ -138,7 +141,7 @@ fn view<'a, T: StorageElem>(
     Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
 }
 
-fn check_dims(op: &str, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+pub(super) fn check_dims(op: &str, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
         bail!("{op}: {name} has shape {got:?}, expected {want:?}")
     }
@@ -146,7 +149,7 @@ fn check_dims(op: &str, name: &str, got: &[usize], want: &[usize]) -> Result<()>
 }
 
 /// T from x [T, n, C], checking n and C against the shape.
-fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize> {
+pub(super) fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize> {
     match x {
         [t, n, c] if *n == shape.streams && *c == shape.width => Ok(*t),
         _ => bail!(
@@ -158,14 +161,14 @@ fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize> {
 }
 
 /// The launch rules' view of this device (the table's `KernelSpec::geometry`).
-fn limits(dev: &CudaDevice) -> Result<DeviceLimits> {
+pub(super) fn limits(dev: &CudaDevice) -> Result<DeviceLimits> {
     Ok(DeviceLimits {
         wave: WAVE,
         multiprocessors: multiprocessors(dev)?,
     })
 }
 
-fn cfg(geometry: &Geometry) -> LaunchConfig {
+pub(super) fn cfg(geometry: &Geometry) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (geometry.grid.0, geometry.grid.1, 1),
         block_dim: (geometry.block, 1, 1),
@@ -173,11 +176,11 @@ fn cfg(geometry: &Geometry) -> LaunchConfig {
     }
 }
 
-fn wrap<T: StorageElem>(dev: &CudaDevice, slice: CudaSlice<T>) -> CudaStorage {
+pub(super) fn wrap<T: StorageElem>(dev: &CudaDevice, slice: CudaSlice<T>) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }
 
-fn tensor(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+pub(super) fn tensor(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }
 
@@ -191,6 +194,7 @@ macro_rules! cuda_storage {
         };
     };
 }
+pub(super) use cuda_storage;
 
 // ------------------------------------------------------------------------------------------------
 // coeffs
@@ -288,6 +292,47 @@ fn coeffs_backward_t<T: StorageElem>(
     d_ext: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
     let op = "mhc-coeffs backward";
+    let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, d_ext)?;
+    if !shape.dynamic {
+        return Ok((None, None, dalpha_b));
+    }
+    let (n, k) = (shape.streams, shape.k());
+    let tokens = x.dims()[0];
+    let d = n * shape.width;
+    cuda_storage!(op, "x", x => x_s, x_l);
+    cuda_storage!(op, "phi", phi => phi_s, phi_l);
+    let dev = &x_s.device;
+    let x_v = view::<T>(op, "x", x_s, x_l)?;
+    let phi_v = view::<f32>(op, "phi", phi_s, phi_l)?;
+    let mut dx = alloc_out::<T>(dev, tokens * d)?;
+    let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
+    if tokens > 0 && d > 0 {
+        let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
+        let geometry = COEFFS_BWD_X.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+        let per_split_i = geometry.tokens_per_split as i64;
+        let (tokens_i, d_i) = (tokens as i64, d as i64);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
+        b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
+        unsafe { b.launch(cfg(&geometry)) }.w()?;
+    }
+    let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));
+    let dphi = tensor(wrap(dev, dphi), (d, k));
+    Ok((Some(dx), Some(dphi), dalpha_b))
+}
+
+/// The per-token stage of the coefficient backward (activations, Sinkhorn VJP): dp [T,
+/// bwd_row_len(n)] (dP and coef per token) for the pass over x, and dalpha_b [3 + k].
+pub(super) fn coeffs_backward_token(
+    op: &str,
+    shape: &MhcShape,
+    x: &Tensor,
+    phi: &Tensor,
+    alpha_b: &Tensor,
+    ext: &Tensor,
+    d_ext: &Tensor,
+) -> Result<(CudaSlice<f32>, Tensor)> {
     let (n, k) = (shape.streams, shape.k());
     let tokens = tokens_of(op, shape, x.dims())?;
     let d = n * shape.width;
@@ -328,29 +373,7 @@ fn coeffs_backward_t<T: StorageElem>(
         b.arg(&tokens_i).arg(&d_i).arg(&iters);
         unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
-    let dalpha_b = tensor(wrap(dev, dalpha_b), 3 + k);
-    if !shape.dynamic {
-        return Ok((None, None, dalpha_b));
-    }
-
-    cuda_storage!(op, "x", x => x_s, x_l);
-    cuda_storage!(op, "phi", phi => phi_s, phi_l);
-    let x_v = view::<T>(op, "x", x_s, x_l)?;
-    let phi_v = view::<f32>(op, "phi", phi_s, phi_l)?;
-    let mut dx = alloc_out::<T>(dev, tokens * d)?;
-    let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
-    if tokens > 0 && d > 0 {
-        let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
-        let geometry = COEFFS_BWD_X.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let per_split_i = geometry.tokens_per_split as i64;
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
-        b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));
-    let dphi = tensor(wrap(dev, dphi), (d, k));
-    Ok((Some(dx), Some(dphi), dalpha_b))
+    Ok((dp, tensor(wrap(dev, dalpha_b), 3 + k)))
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 //! - [`KERNELS`]: one table of every kernel's name and argument list, the contract between the
 //!   `.cu` sources and any launch layer (CUDA here; a HIP one can share it).
 //! - [`mhc`]: the functions of `.notes/OPS.md` that `crate::mhc::ops` delegates to.
+//! - [`rms_norm`]: the launches of `crate::model::rms_norm`'s kernels.
 //! - [`selftest`]: fused kernels against the candle-ops reference on the device.
 //! - [`bench`]: fused vs reference timings of one mHC sublayer.
 
@@ -12,7 +13,11 @@
 #[cfg(feature = "cuda")]
 pub mod bench;
 #[cfg(feature = "cuda")]
+pub mod chain;
+#[cfg(feature = "cuda")]
 pub mod mhc;
+#[cfg(feature = "cuda")]
+pub mod rms_norm;
 #[cfg(feature = "cuda")]
 pub mod selftest;
 
@@ -37,10 +42,11 @@ pub enum Module {
     Coeffs,
     Pre,
     Post,
+    RmsNorm,
 }
 
 impl Module {
-    pub const ALL: [Module; 3] = [Module::Coeffs, Module::Pre, Module::Post];
+    pub const ALL: [Module; 4] = [Module::Coeffs, Module::Pre, Module::Post, Module::RmsNorm];
 
     /// The file stem under kernels/.
     pub fn stem(self) -> &'static str {
@@ -48,6 +54,7 @@ impl Module {
             Module::Coeffs => "mhc_coeffs",
             Module::Pre => "mhc_pre",
             Module::Post => "mhc_post",
+            Module::RmsNorm => "rms_norm",
         }
     }
 }
@@ -106,6 +113,11 @@ pub enum Grid {
     /// ranges: about two blocks per multiprocessor, ranges of at least `BWD_X_TOKEN_CHUNK` tokens.
     /// The range length is the kernel's `tokens_per_split` argument.
     SplitD,
+    /// Grid-stride over rows, one block per row at a time, at most
+    /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor: each block sums its
+    /// rows' share of an `Accumulate` output in registers and adds it once at the end, so fewer
+    /// blocks mean fewer atomics.
+    RowsAccumulate,
 }
 
 /// Largest block any kernel is launched with (MAX_BLOCK in kernels/mhc_common.h).
@@ -115,6 +127,8 @@ pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
 /// `Grid::SplitD`: fewest tokens per range (each range adds one atomic pass over its slice of
 /// dphi, so no more ranges than needed to fill the device).
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
+/// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor.
+pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 8;
 
 /// What a launch layer knows of its device for the launch rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,13 +147,15 @@ pub struct Geometry {
     pub tokens_per_split: usize,
 }
 
-/// A kernel family: one `extern "C"` kernel per stream count n in `MIN_STREAMS..=MAX_STREAMS`
-/// (suffix `_n<n>`) and, when `per_dtype`, per storage dtype (`_f32` / `_bf16` before it).
+/// A kernel family: when `per_streams`, one `extern "C"` kernel per stream count n in
+/// `MIN_STREAMS..=MAX_STREAMS` (suffix `_n<n>`); when `per_dtype`, one per storage dtype
+/// (`_f32` / `_bf16`, before the stream suffix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSpec {
     pub module: Module,
     pub stem: &'static str,
     pub per_dtype: bool,
+    pub per_streams: bool,
     pub args: &'static [Arg],
     pub block: Block,
     pub grid: Grid,
@@ -150,16 +166,22 @@ pub const MIN_STREAMS: usize = 2;
 pub const MAX_STREAMS: usize = 8;
 
 impl KernelSpec {
-    /// The exported symbol for storage dtype `dtype` and n streams, e.g. `mhc_pre_fwd_bf16_n4`.
+    /// The exported symbol for storage dtype `dtype` and n streams, e.g. `mhc_pre_fwd_bf16_n4`
+    /// (`streams` is ignored by families that are not `per_streams`).
     pub fn symbol(&self, dtype: DType, streams: usize) -> candle_core::Result<String> {
-        if !(MIN_STREAMS..=MAX_STREAMS).contains(&streams) {
-            candle_core::bail!(
-                "{}: no kernel for n = {streams} streams (built for {MIN_STREAMS}..={MAX_STREAMS})",
-                self.stem
-            )
-        }
+        let streams_suffix = if self.per_streams {
+            if !(MIN_STREAMS..=MAX_STREAMS).contains(&streams) {
+                candle_core::bail!(
+                    "{}: no kernel for n = {streams} streams (built for {MIN_STREAMS}..={MAX_STREAMS})",
+                    self.stem
+                )
+            }
+            format!("_n{streams}")
+        } else {
+            String::new()
+        };
         if !self.per_dtype {
-            return Ok(format!("{}_n{streams}", self.stem));
+            return Ok(format!("{}{streams_suffix}", self.stem));
         }
         let suffix = match dtype {
             DType::F32 => "f32",
@@ -169,7 +191,25 @@ impl KernelSpec {
                 self.stem
             ),
         };
-        Ok(format!("{}_{suffix}_n{streams}", self.stem))
+        Ok(format!("{}_{suffix}{streams_suffix}", self.stem))
+    }
+
+    /// The launch of a row kernel (no streams: `rows` rows of `width` elements, taken
+    /// `stream_vec_len(1, dtype)` = 16 bytes at a time) over non-zero `rows`.
+    pub fn row_geometry(
+        &self,
+        limits: &DeviceLimits,
+        dtype: DType,
+        rows: usize,
+        width: usize,
+    ) -> Geometry {
+        let shape = MhcShape {
+            streams: 1,
+            width,
+            sinkhorn_iters: 0,
+            dynamic: false,
+        };
+        self.geometry(limits, &shape, dtype, rows)
     }
 
     /// The launch of this kernel over `tokens` tokens of `shape` with storage `dtype` (non-zero
@@ -216,6 +256,17 @@ impl KernelSpec {
                 0,
             ),
             Grid::BlockPerToken => ((blocks(tokens, 1, cap), 1), 0),
+            Grid::RowsAccumulate => (
+                (
+                    blocks(
+                        tokens,
+                        1,
+                        ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1),
+                    ),
+                    1,
+                ),
+                0,
+            ),
             Grid::SplitD => {
                 let d = n * shape.width;
                 let d_blocks = d.div_ceil(block * BWD_X_ELEMS_PER_THREAD).max(1);
@@ -245,6 +296,7 @@ pub const COEFFS_STATIC: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_static",
     per_dtype: false,
+    per_streams: true,
     args: &[
         In("alpha_b", F32),
         Out("ext", F32),
@@ -261,6 +313,7 @@ pub const COEFFS_FWD: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_fwd",
     per_dtype: true,
+    per_streams: true,
     args: &[
         In("x", Storage),
         In("phi", F32),
@@ -280,6 +333,7 @@ pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_bwd_token",
     per_dtype: false,
+    per_streams: true,
     args: &[
         In("alpha_b", F32),
         In("ext", F32),
@@ -301,6 +355,7 @@ pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_bwd_x",
     per_dtype: true,
+    per_streams: true,
     args: &[
         In("x", Storage),
         In("phi", F32),
@@ -315,11 +370,55 @@ pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
     grid: Grid::SplitD,
 };
 
+/// The chained sublayer backward (.notes/OPS.md): `COEFFS_BWD_X` whose dx also sums post's dx
+/// and H_pre[j] du (h [T, k] contiguous, du [T, C]), so the sublayer's dx is written once.
+pub const COEFFS_BWD_X_SUM: KernelSpec = KernelSpec {
+    module: Module::Coeffs,
+    stem: "mhc_coeffs_bwd_x_sum",
+    per_dtype: true,
+    per_streams: true,
+    args: &[
+        In("x", Storage),
+        In("phi", F32),
+        In("dp", F32),
+        In("dx_post", Storage),
+        In("du", Storage),
+        In("h", F32),
+        Out("dx", Storage),
+        Accumulate("dphi", F32),
+        I64("tokens"),
+        I64("D"),
+        I64("C"),
+        I64("tokens_per_split"),
+    ],
+    block: Block::Fixed(256),
+    grid: Grid::SplitD,
+};
+
+/// The chained sublayer backward of pre: dh[pre] = <du, x_j> only (no dx).
+pub const PRE_BWD_DH: KernelSpec = KernelSpec {
+    module: Module::Pre,
+    stem: "mhc_pre_bwd_dh",
+    per_dtype: true,
+    per_streams: true,
+    args: &[
+        In("x", Storage),
+        In("h", F32),
+        In("du", Storage),
+        Out("dh", F32),
+        I64("tokens"),
+        I64("C"),
+    ],
+    block: Block::Row,
+    grid: Grid::BlockPerToken,
+};
+
 /// u = sum_j H_pre[j] x_j. Grid-stride over (token, chunk of C).
 pub const PRE_FWD: KernelSpec = KernelSpec {
     module: Module::Pre,
     stem: "mhc_pre_fwd",
     per_dtype: true,
+    per_streams: true,
     args: &[
         In("x", Storage),
         In("h", F32),
@@ -336,6 +435,7 @@ pub const PRE_BWD: KernelSpec = KernelSpec {
     module: Module::Pre,
     stem: "mhc_pre_bwd",
     per_dtype: true,
+    per_streams: true,
     args: &[
         In("x", Storage),
         In("h", F32),
@@ -354,6 +454,7 @@ pub const POST_FWD: KernelSpec = KernelSpec {
     module: Module::Post,
     stem: "mhc_post_fwd",
     per_dtype: true,
+    per_streams: true,
     args: &[
         In("x", Storage),
         In("h", F32),
@@ -371,6 +472,7 @@ pub const POST_BWD: KernelSpec = KernelSpec {
     module: Module::Post,
     stem: "mhc_post_bwd",
     per_dtype: true,
+    per_streams: true,
     args: &[
         In("x", Storage),
         In("h", F32),
@@ -386,7 +488,52 @@ pub const POST_BWD: KernelSpec = KernelSpec {
     grid: Grid::BlockPerToken,
 };
 
-/// Every kernel family, for checks that walk them all.
+/// RMSNorm forward (`crate::model::rms_norm`): y = x / sqrt(mean(x^2) + eps) * gamma over rows
+/// of C. eps is the bit pattern of an f64 (`f64::to_bits`). One block per row, grid-stride.
+pub const RMS_NORM_FWD: KernelSpec = KernelSpec {
+    module: Module::RmsNorm,
+    stem: "rms_norm_fwd",
+    per_dtype: true,
+    per_streams: false,
+    args: &[
+        In("x", Storage),
+        In("gamma", F32),
+        Out("y", Storage),
+        I64("rows"),
+        I64("C"),
+        I64("eps_bits"),
+    ],
+    block: Block::Row,
+    grid: Grid::BlockPerToken,
+};
+
+/// RMSNorm backward: dx [rows, C] written, dgamma [C] accumulated.
+pub const RMS_NORM_BWD: KernelSpec = KernelSpec {
+    module: Module::RmsNorm,
+    stem: "rms_norm_bwd",
+    per_dtype: true,
+    per_streams: false,
+    args: &[
+        In("x", Storage),
+        In("gamma", F32),
+        In("dy", Storage),
+        Out("dx", Storage),
+        Accumulate("dgamma", F32),
+        I64("rows"),
+        I64("C"),
+        I64("eps_bits"),
+    ],
+    block: Block::Row,
+    grid: Grid::RowsAccumulate,
+};
+
+/// Kernels the CUDA layer launches that the HIP layer does not launch yet (see .notes/kernels.md):
+/// the RMSNorm pair (`crate::model::rms_norm`, launched from src/gpu/rms_norm.rs) and the chained
+/// sublayer backward (src/gpu/chain.rs). Kept out of `KERNELS`, which tests/hip.rs holds both
+/// layers to.
+pub const NEW_KERNELS: [KernelSpec; 4] = [RMS_NORM_FWD, RMS_NORM_BWD, COEFFS_BWD_X_SUM, PRE_BWD_DH];
+
+/// Every mHC kernel family, for checks that walk them all.
 pub const KERNELS: [KernelSpec; 8] = [
     COEFFS_STATIC,
     COEFFS_FWD,

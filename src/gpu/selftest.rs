@@ -163,7 +163,7 @@ struct Results {
 fn run(
     inp: &Inputs,
     device: &Device,
-    fused: bool,
+    fused: Option<Chaining>,
     storage: DType,
     param: DType,
 ) -> anyhow::Result<Results> {
@@ -176,7 +176,15 @@ fn run(
     let alpha = var(&inp.alpha, param)?;
     let b = var(&inp.b, param)?;
     let shape = &inp.shape;
-    let (h, u, x_out) = if fused {
+    let (h, u, x_out) = if fused == Some(Chaining::Chained) {
+        // F hands back the independent y and keeps u for the loss.
+        let mut u = None;
+        let (x_out, h) = ops::sublayer(&x, phi.as_deref(), &alpha, &b, shape, |u_in| {
+            u = Some(u_in.clone());
+            Ok(y.as_tensor().clone())
+        })?;
+        (h, u.context("sublayer did not call F")?, x_out)
+    } else if fused == Some(Chaining::Unchained) {
         let h = ops::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
         (
             h.clone(),
@@ -247,11 +255,31 @@ fn rel_err(name: &str, a: Option<&Tensor>, b: Option<&Tensor>) -> anyhow::Result
     })
 }
 
-/// Runs one case; returns each quantity's relative error.
-fn check(case: &Case, seed: u64, device: &Device) -> anyhow::Result<Vec<(&'static str, f64)>> {
+/// The fused ops one by one (candle adds their three dx) or as one chained sublayer
+/// (`ops::sublayer`: dx written once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chaining {
+    Unchained,
+    Chained,
+}
+
+/// Runs one case; returns each quantity's relative error, for the unchained ops and then, with
+/// names prefixed "c", for the chained sublayer.
+fn check(case: &Case, seed: u64, device: &Device) -> anyhow::Result<Vec<(String, f64)>> {
     let inp = inputs(case, seed)?;
-    let fused = run(&inp, device, true, case.dtype, DType::F32)?;
-    let oracle = run(&inp, &Device::Cpu, false, DType::F64, DType::F64)?;
+    let oracle = run(&inp, &Device::Cpu, None, DType::F64, DType::F64)?;
+    let mut errs = Vec::new();
+    for (chaining, prefix) in [(Chaining::Unchained, ""), (Chaining::Chained, "c")] {
+        let fused = run(&inp, device, Some(chaining), case.dtype, DType::F32)?;
+        for (name, e) in compare(&fused, &oracle)? {
+            errs.push((format!("{prefix}{name}"), e));
+        }
+    }
+    Ok(errs)
+}
+
+/// Relative error of each output and gradient of `fused` against `oracle`.
+fn compare(fused: &Results, oracle: &Results) -> anyhow::Result<Vec<(&'static str, f64)>> {
     let pairs: [(&'static str, Option<&Tensor>, Option<&Tensor>); 8] = [
         ("H", Some(&fused.h), Some(&oracle.h)),
         ("u", Some(&fused.u), Some(&oracle.u)),
@@ -265,6 +293,57 @@ fn check(case: &Case, seed: u64, device: &Device) -> anyhow::Result<Vec<(&'stati
     pairs
         .into_iter()
         .map(|(name, a, b)| Ok((name, rel_err(name, a, b)?)))
+        .collect()
+}
+
+/// One RMSNorm case (`crate::model::rms_norm` on the device vs candle ops in f64 on the CPU):
+/// relative errors of y, dx and dgamma for the loss sum(w * y).
+fn check_rms_norm(
+    dims: &[usize],
+    dtype: DType,
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    const EPS: f64 = 1e-5;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let cpu = Device::Cpu;
+    let len: usize = dims.iter().product();
+    let c = *dims.last().context("rms-norm case without dims")?;
+    let x = Tensor::from_vec(normal(&mut rng, len, 1.0), dims, &cpu)?.to_dtype(dtype)?;
+    let gamma: Vec<f32> = normal(&mut rng, c, 0.3).iter().map(|g| 1.0 + g).collect();
+    let gamma = Tensor::from_vec(gamma, c, &cpu)?;
+    let w = Tensor::from_vec(normal(&mut rng, len, 1.0), dims, &cpu)?;
+    let grads_of = |x: &Tensor, gamma: &Tensor, fused: bool| -> anyhow::Result<[Tensor; 3]> {
+        let (x, gamma) = (Var::from_tensor(x)?, Var::from_tensor(gamma)?);
+        let y = if fused {
+            crate::model::rms_norm::rms_norm(&x, &gamma, EPS)?
+        } else {
+            let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            x.broadcast_div(&(ms + EPS)?.sqrt()?)?
+                .broadcast_mul(&gamma)?
+        };
+        let w = w.to_dtype(DType::F32)?.to_device(x.device())?;
+        let loss = (y.to_dtype(DType::F32)? * w)?.sum_all()?;
+        let grads = loss.backward()?;
+        let host = |t: &Tensor| -> anyhow::Result<Tensor> {
+            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?)
+        };
+        Ok([
+            host(&y)?,
+            host(grads.get(&x).context("x has no gradient")?)?,
+            host(grads.get(&gamma).context("gamma has no gradient")?)?,
+        ])
+    };
+    let fused = grads_of(&x.to_device(device)?, &gamma.to_device(device)?, true)?;
+    let oracle = grads_of(
+        &x.to_dtype(DType::F64)?,
+        &gamma.to_dtype(DType::F64)?,
+        false,
+    )?;
+    ["y", "dx", "dgamma"]
+        .into_iter()
+        .zip(fused.iter().zip(&oracle))
+        .map(|(name, (a, b))| Ok((name, rel_err(name, Some(a), Some(b))?)))
         .collect()
 }
 
@@ -309,6 +388,50 @@ pub fn selftest(device: &Device) -> anyhow::Result<()> {
             Err(err) => {
                 println!("FAIL {case}  error: {err:#}");
                 failed += 1;
+            }
+        }
+    }
+    // RMSNorm: odd C (scalar path), aligned C, one row, 3-D x, more columns than the register
+    // dgamma partials cover (atomic tail), and a training-sized case.
+    let norm_dims: [&[usize]; 6] = [
+        &[1, 129],
+        &[37, 256],
+        &[300, 67],
+        &[4, 5, 1032],
+        &[3, 9000],
+        &[4096, 1280],
+    ];
+    for (i, dims) in norm_dims.iter().enumerate() {
+        for dtype in [DType::F32, DType::BF16] {
+            let seed = run_seed ^ (1000 + i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let tol = if dtype == DType::F32 {
+                TOL_F32
+            } else {
+                TOL_BF16
+            };
+            let label = format!(
+                "rms-norm {:<4} {dims:?}",
+                format!("{dtype:?}").to_lowercase()
+            );
+            match check_rms_norm(dims, dtype, seed, device) {
+                Ok(errs) => {
+                    let ok = errs.iter().all(|(_, e)| *e < tol);
+                    let worst = errs
+                        .iter()
+                        .map(|(name, e)| format!("{name} {e:.1e}"))
+                        .collect::<Vec<_>>()
+                        .join("  ");
+                    println!("{} {label}  {worst}", if ok { "ok  " } else { "FAIL" });
+                    if ok {
+                        passed += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+                Err(err) => {
+                    println!("FAIL {label}  error: {err:#}");
+                    failed += 1;
+                }
             }
         }
     }

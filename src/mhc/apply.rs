@@ -147,33 +147,26 @@ fn sublayer(
     b: &Tensor,
     gamma: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let (h, u) = match imp {
+    match imp {
+        // The chained ops: the backward writes dx once.
         MhcImpl::Fused => {
-            let h = ops::coeffs(x, phi, alpha, b, shape)?;
-            let u = ops::pre(x, &h, shape)?;
-            (h, u)
+            let (x_out, h) = ops::sublayer(x, phi, alpha, b, shape, |u| rms_norm(u, gamma))?;
+            Ok((h, x_out))
         }
         MhcImpl::Reference => {
             let h = reference::coeffs(x, phi, alpha, b, shape)?;
             let u = reference::pre(x, &h, shape)?;
-            (h, u)
+            let y = rms_norm(&u, gamma)?;
+            let x_out = reference::post(x, &h, &y, shape)?;
+            Ok((h, x_out))
         }
-    };
-    let y = rms_norm(&u, gamma)?;
-    let x_out = match imp {
-        MhcImpl::Fused => ops::post(x, &h, &y, shape)?,
-        MhcImpl::Reference => reference::post(x, &h, &y, shape)?,
-    };
-    Ok((h, x_out))
+    }
 }
 
-/// F(u) = u / sqrt(mean(u^2) + RMS_NORM_EPS) * gamma over the last axis, in f32, back in u's dtype.
+/// F(u) = u / sqrt(mean(u^2) + RMS_NORM_EPS) * gamma over the last axis, back in u's dtype: the
+/// fused RMSNorm op (`crate::model::rms_norm`).
 pub fn rms_norm(u: &Tensor, gamma: &Tensor) -> candle_core::Result<Tensor> {
-    let u32 = u.to_dtype(DType::F32)?;
-    let rms = (u32.sqr()?.mean_keepdim(1)? + RMS_NORM_EPS)?.sqrt()?;
-    u32.broadcast_div(&rms)?
-        .broadcast_mul(gamma)?
-        .to_dtype(u.dtype())
+    crate::model::rms_norm::rms_norm(u, gamma, RMS_NORM_EPS)
 }
 
 /// t with its shape checked against `want`.

@@ -93,17 +93,18 @@ impl Mhc {
         x: &Tensor,
         f: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let h = self.coeffs(x)?;
-        let (pre, post): (PreFn, PostFn) = match self.imp {
-            MhcImpl::Fused => (ops::pre, ops::post),
-            MhcImpl::Reference => (reference::pre, reference::post),
-        };
-        let u = pre(x, &h, &self.shape)?;
-        let y = f(&u)?;
-        let x_next = post(x, &h, &y, &self.shape)?;
-        Ok((x_next, h))
+        match self.imp {
+            // The chained ops: the sublayer's backward writes dx once.
+            MhcImpl::Fused => {
+                ops::sublayer(x, self.phi.as_ref(), &self.alpha, &self.b, &self.shape, f)
+            }
+            MhcImpl::Reference => {
+                let h = self.coeffs(x)?;
+                let u = reference::pre(x, &h, &self.shape)?;
+                let y = f(&u)?;
+                let x_next = reference::post(x, &h, &y, &self.shape)?;
+                Ok((x_next, h))
+            }
+        }
     }
 }
-
-type PreFn = fn(&Tensor, &Tensor, &MhcShape) -> Result<Tensor>;
-type PostFn = fn(&Tensor, &Tensor, &Tensor, &MhcShape) -> Result<Tensor>;

@@ -12,6 +12,7 @@ use candle_core::{
     WithDType,
 };
 use half::bf16;
+use std::sync::{Arc, Mutex};
 
 /// H [T, k] f32 for x [T, n, C]: dynamic (phi [nC, k] given) or static (phi None: H from b alone).
 /// alpha [3] and b [k] are f32; gradients flow to x, phi, alpha and b.
@@ -22,19 +23,289 @@ pub fn coeffs(
     b: &Tensor,
     shape: &MhcShape,
 ) -> Result<Tensor> {
-    let k = shape.k();
-    let phi = match (phi, shape.dynamic) {
-        (Some(phi), true) => phi.contiguous()?,
-        // Static mode: a zero-size phi keeps the op's arity; the op never reads it.
-        (None, false) => Tensor::zeros((0, k), DType::F32, x.device())?,
-        (Some(_), false) => bail!("mhc coeffs: phi given but shape.dynamic is false"),
-        (None, true) => bail!("mhc coeffs: shape.dynamic is true but phi is missing"),
-    };
-    let alpha_b = Tensor::cat(&[alpha, b], 0)?;
+    let (phi, alpha_b) = coeffs_inputs(x, phi, alpha, b, shape)?;
     let ext = x
         .contiguous()?
         .apply_op3(&phi, &alpha_b, CoeffsOp { shape: *shape })?;
-    ext.narrow(1, 0, k)
+    ext.narrow(1, 0, shape.k())
+}
+
+/// CoeffsOp's phi (zero-size in static mode) and alpha_b = [alpha | b].
+fn coeffs_inputs(
+    x: &Tensor,
+    phi: Option<&Tensor>,
+    alpha: &Tensor,
+    b: &Tensor,
+    shape: &MhcShape,
+) -> Result<(Tensor, Tensor)> {
+    let phi = match (phi, shape.dynamic) {
+        (Some(phi), true) => phi.contiguous()?,
+        // Static mode: a zero-size phi keeps the op's arity; the op never reads it.
+        (None, false) => Tensor::zeros((0, shape.k()), DType::F32, x.device())?,
+        (Some(_), false) => bail!("mhc coeffs: phi given but shape.dynamic is false"),
+        (None, true) => bail!("mhc coeffs: shape.dynamic is true but phi is missing"),
+    };
+    Ok((phi, Tensor::cat(&[alpha, b], 0)?))
+}
+
+/// One whole sublayer x' = H_res x + H_post f(H_pre x) through the chained ops: the backward
+/// writes dx once instead of handing candle three [T, n, C] gradients to add. Returns (x', H).
+///
+/// Within one sublayer the backward always runs post -> (f) -> pre -> coeffs (H feeds pre and
+/// post; pre's u feeds f, which feeds post), so post's backward leaves its dx and pre's its
+/// (du, H) in a state the three ops share, and returns no gradient for x; the coefficient
+/// backward forms dx = dx_post + H_pre (x) du + its own term (on CUDA in dynamic mode, in its
+/// one pass over x) and returns it as x's only gradient from this sublayer.
+pub fn sublayer(
+    x: &Tensor,
+    phi: Option<&Tensor>,
+    alpha: &Tensor,
+    b: &Tensor,
+    shape: &MhcShape,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let chain = Chain::default();
+    let x = x.contiguous()?;
+    let (phi, alpha_b) = coeffs_inputs(&x, phi, alpha, b, shape)?;
+    let coeffs = ChainedCoeffsOp {
+        op: CoeffsOp { shape: *shape },
+        chain: chain.clone(),
+    };
+    // One contiguous copy of H, shared by pre and post.
+    let h = x
+        .apply_op3(&phi, &alpha_b, coeffs)?
+        .narrow(1, 0, shape.k())?
+        .contiguous()?;
+    let pre = ChainedPreOp {
+        op: PreOp { shape: *shape },
+        chain: chain.clone(),
+    };
+    let u = x.apply_op2(&h, pre)?;
+    let y = f(&u)?.contiguous()?;
+    let post = ChainedPostOp {
+        op: PostOp { shape: *shape },
+        chain,
+    };
+    Ok((x.apply_op3(&h, &y, post)?, h))
+}
+
+/// What post's and pre's backward leave for the coefficient backward of the same sublayer.
+#[derive(Default)]
+struct ChainState {
+    /// post's dx [T, n, C].
+    dx_post: Option<Tensor>,
+    /// pre's (du [T, C], H [T, k]): its dx is H_pre[j] du.
+    pre: Option<(Tensor, Tensor)>,
+}
+
+type Chain = Arc<Mutex<ChainState>>;
+
+fn lock(chain: &Chain) -> std::sync::MutexGuard<'_, ChainState> {
+    // A panic elsewhere while holding the lock leaves plain data behind; keep using it.
+    chain
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `CoeffsOp` whose backward also adds the stashed post and pre contributions to dx.
+struct ChainedCoeffsOp {
+    op: CoeffsOp,
+    chain: Chain,
+}
+
+/// `PreOp` whose backward stashes (du, H) and returns dh only.
+struct ChainedPreOp {
+    op: PreOp,
+    chain: Chain,
+}
+
+/// `PostOp` whose backward stashes its dx and returns dh and dy only.
+struct ChainedPostOp {
+    op: PostOp,
+    chain: Chain,
+}
+
+impl CustomOp3 for ChainedCoeffsOp {
+    fn name(&self) -> &'static str {
+        CoeffsOp::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        phi: &CpuStorage,
+        phi_l: &Layout,
+        alpha_b: &CpuStorage,
+        alpha_b_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(x, x_l, phi, phi_l, alpha_b, alpha_b_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        phi: &candle_core::CudaStorage,
+        phi_l: &Layout,
+        alpha_b: &candle_core::CudaStorage,
+        alpha_b_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.op.cuda_fwd(x, x_l, phi, phi_l, alpha_b, alpha_b_l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        phi: &Tensor,
+        alpha_b: &Tensor,
+        ext: &Tensor,
+        d_ext: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let shape = &self.op.shape;
+        // Taken, not read: a second backward through the same graph stashes afresh.
+        let state = std::mem::take(&mut *lock(&self.chain));
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && shape.dynamic {
+            let tokens = x.dims()[0];
+            let dx_post = match state.dx_post {
+                Some(dx_post) => dx_post,
+                None => x.zeros_like()?,
+            };
+            let (du, h) = match state.pre {
+                Some(pre) => pre,
+                None => (
+                    Tensor::zeros((tokens, shape.width), x.dtype(), x.device())?,
+                    Tensor::zeros((tokens, shape.k()), DType::F32, x.device())?,
+                ),
+            };
+            let d_ext = d_ext.contiguous()?;
+            let (dx, dphi, dalpha_b) = crate::gpu::chain::coeffs_backward_sum(
+                shape, x, phi, alpha_b, ext, &d_ext, &dx_post, &du, &h,
+            )?;
+            return Ok((Some(dx), Some(dphi), Some(dalpha_b)));
+        }
+        // CPU, and static mode (no pass over x to fuse into): add the contributions in f32
+        // (f64 for f64 storage) and round once.
+        let (dx, dphi, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
+        let acc = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let mut sum: Option<Tensor> = None;
+        let mut add = |t: Tensor| -> Result<()> {
+            let t = t.to_dtype(acc)?;
+            sum = Some(match sum.take() {
+                Some(s) => (s + t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        if let Some(dx) = dx {
+            add(dx)?;
+        }
+        if let Some(dx_post) = state.dx_post {
+            add(dx_post)?;
+        }
+        if let Some((du, h)) = state.pre {
+            let h_pre = h.narrow(1, 0, shape.streams)?.to_dtype(acc)?.unsqueeze(2)?;
+            add(h_pre.broadcast_mul(&du.to_dtype(acc)?.unsqueeze(1)?)?)?;
+        }
+        let dx = sum.map(|s| s.to_dtype(x.dtype())).transpose()?;
+        Ok((dx, dphi, Some(dalpha_b)))
+    }
+}
+
+impl CustomOp2 for ChainedPreOp {
+    fn name(&self) -> &'static str {
+        PreOp::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        h: &CpuStorage,
+        h_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(x, x_l, h, h_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        h: &candle_core::CudaStorage,
+        h_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.op.cuda_fwd(x, x_l, h, h_l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        _u: &Tensor,
+        du: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let shape = &self.op.shape;
+        let du = du.contiguous()?;
+        let dh = match x.device() {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => crate::gpu::chain::pre_backward_dh(shape, x, h, &du)?,
+            // The CPU computes pre's dx too; only its dh is used here.
+            _ => pre_backward(shape, x, h, &du)?.1,
+        };
+        lock(&self.chain).pre = Some((du, h.clone()));
+        Ok((None, Some(dh)))
+    }
+}
+
+impl CustomOp3 for ChainedPostOp {
+    fn name(&self) -> &'static str {
+        PostOp::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        h: &CpuStorage,
+        h_l: &Layout,
+        y: &CpuStorage,
+        y_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(x, x_l, h, h_l, y, y_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        h: &candle_core::CudaStorage,
+        h_l: &Layout,
+        y: &candle_core::CudaStorage,
+        y_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.op.cuda_fwd(x, x_l, h, h_l, y, y_l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        y: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dh, dy) = post_backward(&self.op.shape, x, h, y, g)?;
+        lock(&self.chain).dx_post = Some(dx);
+        Ok((None, Some(dh), Some(dy)))
+    }
 }
 
 /// u [T, C] = sum_j H_pre[j] x_j, in x's dtype.

@@ -11,14 +11,10 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 /// std of linear weights (GPT-2); residual output projections use STD / sqrt(2 * layers).
 pub const INIT_STD: f64 = 0.02;
 
-/// y = x / sqrt(mean(x^2) + eps) * gamma, computed in f32, returned in x's dtype.
+/// y = x / sqrt(mean(x^2) + eps) * gamma over the last dim, returned in x's dtype: the fused
+/// op of `super::rms_norm` (one kernel each way on CUDA, exact backward).
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?
-        .broadcast_mul(gamma)?
-        .to_dtype(dtype)
+    super::rms_norm::rms_norm(x, gamma, eps)
 }
 
 /// A bias-free linear layer y = x W^T with an f32 master weight [out, in].

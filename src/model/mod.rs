@@ -3,5 +3,6 @@
 pub mod gpt;
 pub mod layers;
 pub mod params;
+pub mod rms_norm;
 
 pub use gpt::{Gpt, Output};

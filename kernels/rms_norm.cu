@@ -1,0 +1,141 @@
+// RMSNorm over the last axis (F of the mHC sublayer, and the model's norms):
+//   y = x * s * gamma,  s = 1 / sqrt(mean(x^2) + eps)
+// and its exact backward
+//   dx = s * gamma * dy - x * s^3 * <gamma * dy, x> / C,   dgamma = sum over rows of dy * x * s.
+// x, y, dy, dx [rows, C] in the storage dtype; gamma, dgamma [C] f32. All arithmetic f32. eps is
+// passed as the bit pattern of an f64 (the kernel table has integer scalars only).
+#include "mhc_common.h"
+
+using namespace mhc;
+
+// Chunks of V elements per thread whose dgamma partial sums stay in registers across the rows a
+// block handles (up to RN_REG_CHUNKS * 256 * V columns: 8192 bf16, 4096 f32); columns past that
+// are added atomically per row.
+constexpr int RN_REG_CHUNKS = 4;
+
+__device__ __forceinline__ float rn_eps(long long eps_bits) {
+    return (float)__longlong_as_double(eps_bits);
+}
+
+// Forward: one block per row (grid-stride over rows). One read of x (the second pass re-reads the
+// row from L1), one write of y.
+template <typename T>
+__device__ void rms_norm_forward(const T* __restrict__ x, const float* __restrict__ gamma, T* __restrict__ y,
+                                 long long rows, long long C, long long eps_bits) {
+    constexpr int V = 16 / (int)sizeof(T);
+    __shared__ float scratch[MAX_WAVES + 1];
+    const float eps = rn_eps(eps_bits);
+    const long long chunks = (C + V - 1) / V;
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(y, C);
+    const bool vec_g = pack_ok<float, V>(gamma, C);
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * C;
+        float sq[1] = {0.0f};
+        for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
+            float xv[V];
+            load_row<T, V>(xr, cv * V, C, vec, xv);
+#pragma unroll
+            for (int q = 0; q < V; ++q) sq[0] += xv[q] * xv[q];
+        }
+        const float s = rsqrtf(block_sum<1>(sq, scratch)[0] / (float)C + eps);
+        for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
+            float xv[V], g[V], out[V];
+            load_row<T, V>(xr, cv * V, C, vec, xv);
+            load_row<float, V>(gamma, cv * V, C, vec_g, g);
+#pragma unroll
+            for (int q = 0; q < V; ++q) out[q] = xv[q] * s * g[q];
+            store_row<T, V>(y + r * C, cv * V, C, vec, out);
+        }
+    }
+}
+
+// dx of one chunk; adds the chunk's dgamma terms to acc.
+template <typename T, int V>
+__device__ __forceinline__ void rn_backward_chunk(const T* __restrict__ xr, const T* __restrict__ dyr,
+                                                  const float* __restrict__ gamma, T* __restrict__ dxr,
+                                                  long long c0, long long C, bool vec, bool vec_g, float s,
+                                                  float coef, float (&acc)[V]) {
+    float xv[V], g[V], dy[V], d[V];
+    load_row<T, V>(xr, c0, C, vec, xv);
+    load_row<T, V>(dyr, c0, C, vec, dy);
+    load_row<float, V>(gamma, c0, C, vec_g, g);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+        d[q] = s * g[q] * dy[q] - coef * xv[q];
+        acc[q] += dy[q] * xv[q] * s;
+    }
+    store_row<T, V>(dxr, c0, C, vec, d);
+}
+
+// Backward: grid-stride over rows, a block per row at a time. Pass 1 sums x^2 and gamma*dy*x over
+// the row, pass 2 (L1 re-reads) writes dx and accumulates dgamma in registers; each block adds its
+// partial dgamma once at the end (dgamma must be zeroed before the launch).
+template <typename T>
+__device__ void rms_norm_backward(const T* __restrict__ x, const float* __restrict__ gamma,
+                                  const T* __restrict__ dy, T* __restrict__ dx, float* __restrict__ dgamma,
+                                  long long rows, long long C, long long eps_bits) {
+    constexpr int V = 16 / (int)sizeof(T);
+    __shared__ float scratch[(MAX_WAVES + 1) * 2];
+    const float eps = rn_eps(eps_bits);
+    const long long chunks = (C + V - 1) / V;
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(dy, C) && pack_ok<T, V>(dx, C);
+    const bool vec_g = pack_ok<float, V>(gamma, C);
+    float acc[RN_REG_CHUNKS][V];
+#pragma unroll
+    for (int m = 0; m < RN_REG_CHUNKS; ++m)
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[m][q] = 0.0f;
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* xr = x + r * C;
+        const T* dyr = dy + r * C;
+        float sums[2] = {0.0f, 0.0f};  // sum x^2, sum gamma * dy * x
+        for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
+            float xv[V], g[V], d[V];
+            load_row<T, V>(xr, cv * V, C, vec, xv);
+            load_row<T, V>(dyr, cv * V, C, vec, d);
+            load_row<float, V>(gamma, cv * V, C, vec_g, g);
+#pragma unroll
+            for (int q = 0; q < V; ++q) {
+                sums[0] += xv[q] * xv[q];
+                sums[1] += g[q] * d[q] * xv[q];
+            }
+        }
+        const float* totals = block_sum<2>(sums, scratch);
+        const float s = rsqrtf(totals[0] / (float)C + eps);
+        const float coef = s * s * s * totals[1] / (float)C;
+#pragma unroll
+        for (int m = 0; m < RN_REG_CHUNKS; ++m) {
+            const long long cv = threadIdx.x + (long long)m * blockDim.x;
+            if (cv < chunks)
+                rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, acc[m]);
+        }
+        for (long long cv = threadIdx.x + (long long)RN_REG_CHUNKS * blockDim.x; cv < chunks;
+             cv += blockDim.x) {
+            float part[V];
+#pragma unroll
+            for (int q = 0; q < V; ++q) part[q] = 0.0f;
+            rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, part);
+#pragma unroll
+            for (int q = 0; q < V; ++q)
+                if (cv * V + q < C) atomicAdd(dgamma + cv * V + q, part[q]);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < RN_REG_CHUNKS; ++m) {
+        const long long cv = threadIdx.x + (long long)m * blockDim.x;
+        if (cv < chunks) {
+#pragma unroll
+            for (int q = 0; q < V; ++q)
+                if (cv * V + q < C) atomicAdd(dgamma + cv * V + q, acc[m][q]);
+        }
+    }
+}
+
+// Exported kernels, one per storage dtype (no stream count: rows of C).
+#define RN_FWD_PARAMS(T) const T *x, const float *gamma, T *y, long long rows, long long C, long long eps_bits
+#define RN_BWD_PARAMS(T) \
+    const T *x, const float *gamma, const T *dy, T *dx, float *dgamma, long long rows, long long C, long long eps_bits
+extern "C" __global__ void rms_norm_fwd_f32(RN_FWD_PARAMS(float)) { rms_norm_forward<float>(x, gamma, y, rows, C, eps_bits); }
+extern "C" __global__ void rms_norm_fwd_bf16(RN_FWD_PARAMS(mhc_bf16)) { rms_norm_forward<mhc_bf16>(x, gamma, y, rows, C, eps_bits); }
+extern "C" __global__ void rms_norm_bwd_f32(RN_BWD_PARAMS(float)) { rms_norm_backward<float>(x, gamma, dy, dx, dgamma, rows, C, eps_bits); }
+extern "C" __global__ void rms_norm_bwd_bf16(RN_BWD_PARAMS(mhc_bf16)) { rms_norm_backward<mhc_bf16>(x, gamma, dy, dx, dgamma, rows, C, eps_bits); }
