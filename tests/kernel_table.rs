@@ -1,0 +1,189 @@
+//! The kernel table (src/gpu/mod.rs) against the kernel sources, without a GPU: every symbol of
+//! every family in `KERNELS` and `NEW_KERNELS` (each storage dtype, each stream count) is an
+//! exported kernel of its module's `kernels/<stem>.cu`, with the table's argument list: names in
+//! order, `const` pointers for `In`, writable pointers for `Out`/`Accumulate`, f32 pointers for
+//! `F32`, the dtype's storage pointer for `Storage`, `long long` for `I64`, `int` for `I32`.
+//! Also the launch rules of the RMSNorm kernels.
+
+use candle_core::DType;
+use mhc_train::gpu::{
+    Arg, DeviceLimits, Elem, KernelSpec, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, KERNELS,
+    MAX_STREAMS, MIN_STREAMS, NEW_KERNELS, RMS_NORM_BWD, RMS_NORM_FWD,
+};
+use std::collections::HashMap;
+
+/// One parameter as declared: (name, C type text without the name).
+type Param = (String, String);
+
+/// kernel name -> parameters, from `extern "C" __global__ void NAME(MACRO(TYPE)) {` lines and the
+/// `#define MACRO(T) ...` (possibly `\`-continued) parameter macros of one source.
+fn exported_kernels(src: &str) -> HashMap<String, Vec<Param>> {
+    let joined = src.replace("\\\n", " ");
+    let mut macros: HashMap<String, (Option<String>, String)> = HashMap::new();
+    for line in joined.lines() {
+        let Some(rest) = line.trim().strip_prefix("#define ") else {
+            continue;
+        };
+        let name_end = rest.find([' ', '(']).unwrap_or(rest.len());
+        let name = rest[..name_end].to_string();
+        let rest = &rest[name_end..];
+        let (param, body) = match rest.strip_prefix('(') {
+            Some(r) => {
+                let close = r.find(')').unwrap();
+                (Some(r[..close].trim().to_string()), r[close + 1..].trim())
+            }
+            None => (None, rest.trim()),
+        };
+        macros.insert(name, (param, body.to_string()));
+    }
+    let mut kernels = HashMap::new();
+    for line in joined.lines() {
+        let Some(rest) = line.trim().strip_prefix("extern \"C\" __global__ void ") else {
+            continue;
+        };
+        let open = rest.find('(').unwrap();
+        let name = rest[..open].to_string();
+        let inner = &rest[open + 1..rest.find(") {").unwrap()];
+        let params_text = match inner.find('(') {
+            Some(p) => {
+                let (macro_name, arg) = (&inner[..p], &inner[p + 1..inner.len() - 1]);
+                let (param, body) = &macros[macro_name];
+                replace_word(body, param.as_deref().unwrap(), arg)
+            }
+            None => macros.get(inner).map_or(inner.to_string(), |m| m.1.clone()),
+        };
+        let params = params_text
+            .split(',')
+            .map(|p| {
+                let p = p.trim();
+                let split = p
+                    .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .unwrap();
+                (p[split + 1..].to_string(), p[..=split].trim().to_string())
+            })
+            .collect();
+        kernels.insert(name, params);
+    }
+    kernels
+}
+
+/// `text` with every whole identifier `word` replaced by `with`.
+fn replace_word(text: &str, word: &str, with: &str) -> String {
+    let mut out = String::new();
+    let mut token = String::new();
+    for ch in text.chars().chain(std::iter::once('\n')) {
+        if ch.is_alphanumeric() || ch == '_' {
+            token.push(ch);
+        } else {
+            out.push_str(if token == word { with } else { &token });
+            token.clear();
+            out.push(ch);
+        }
+    }
+    out.pop();
+    out
+}
+
+/// The C type the table's argument has for storage `dtype`.
+fn expected_type(arg: &Arg, dtype: DType) -> (String, String) {
+    let elem = |e: &Elem| match (e, dtype) {
+        (Elem::F32, _) | (Elem::Storage, DType::F32) => "float",
+        (Elem::Storage, _) => "mhc_bf16",
+    };
+    match arg {
+        Arg::In(name, e) => (name.to_string(), format!("const {} *", elem(e))),
+        Arg::Out(name, e) | Arg::Accumulate(name, e) => {
+            (name.to_string(), format!("{} *", elem(e)))
+        }
+        Arg::I64(name) => (name.to_string(), "long long".into()),
+        Arg::I32(name) => (name.to_string(), "int".into()),
+    }
+}
+
+fn families() -> Vec<KernelSpec> {
+    KERNELS.iter().chain(NEW_KERNELS.iter()).copied().collect()
+}
+
+#[test]
+fn every_table_kernel_is_exported_with_the_table_arguments() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut sources = HashMap::new();
+    let mut checked = 0usize;
+    for spec in families() {
+        let stem = spec.module.stem();
+        let kernels = sources.entry(stem).or_insert_with(|| {
+            exported_kernels(&std::fs::read_to_string(format!("{root}/kernels/{stem}.cu")).unwrap())
+        });
+        let dtypes: &[DType] = if spec.per_dtype {
+            &[DType::F32, DType::BF16]
+        } else {
+            &[DType::F32]
+        };
+        let streams: Vec<usize> = if spec.per_streams {
+            (MIN_STREAMS..=MAX_STREAMS).collect()
+        } else {
+            vec![0]
+        };
+        for &dtype in dtypes {
+            for &n in &streams {
+                let symbol = spec.symbol(dtype, n).unwrap();
+                let params = kernels
+                    .get(&symbol)
+                    .unwrap_or_else(|| panic!("{symbol} is not exported by kernels/{stem}.cu"));
+                let want: Vec<(String, String)> =
+                    spec.args.iter().map(|a| expected_type(a, dtype)).collect();
+                assert_eq!(
+                    params, &want,
+                    "{symbol}: declared parameters differ from the table"
+                );
+                checked += 1;
+            }
+        }
+    }
+    // 6 mHC families of 14 symbols (2 dtypes x 7 n), 2 of 7 (n only), the RMSNorm pair (2
+    // dtypes each), the 2 chained families of 14.
+    assert_eq!(checked, 6 * 14 + 2 * 7 + 2 * 2 + 2 * 14);
+}
+
+#[test]
+fn rms_norm_launch_rules() {
+    let limits = DeviceLimits {
+        wave: 32,
+        multiprocessors: 132,
+    };
+    // C = 1280 bf16: 160 chunks of 8 -> a 160-thread block per row.
+    let fwd = RMS_NORM_FWD.row_geometry(&limits, DType::BF16, 16384, 1280);
+    assert_eq!(fwd.block, 160);
+    // Grid-stride: at most BLOCKS_PER_MULTIPROCESSOR (32) blocks per multiprocessor.
+    assert_eq!(fwd.grid, (32 * 132, 1));
+    let bwd = RMS_NORM_BWD.row_geometry(&limits, DType::BF16, 16384, 1280);
+    assert_eq!(bwd.block, 160);
+    assert_eq!(
+        bwd.grid,
+        ((ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * 132) as u32, 1)
+    );
+    // Fewer rows than the cap: one block per row. Wide f32 rows: the block is capped at 256.
+    assert_eq!(
+        RMS_NORM_BWD.row_geometry(&limits, DType::F32, 5, 9000).grid,
+        (5, 1)
+    );
+    assert_eq!(
+        RMS_NORM_FWD
+            .row_geometry(&limits, DType::F32, 5, 9000)
+            .block,
+        256
+    );
+    // AMD waves of 64: blocks are whole waves.
+    let amd = DeviceLimits {
+        wave: 64,
+        multiprocessors: 304,
+    };
+    assert_eq!(
+        RMS_NORM_FWD.row_geometry(&amd, DType::BF16, 7, 1280).block,
+        192
+    );
+    assert_eq!(
+        RMS_NORM_FWD.symbol(DType::BF16, 0).unwrap(),
+        "rms_norm_fwd_bf16"
+    );
+}
