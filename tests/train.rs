@@ -400,14 +400,14 @@ fn training_bench_reports_every_variant() {
     assert!(ok, "{err}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
-    let variants: Vec<&str> = json["train"]
+    let variants: Vec<&str> = json["train"]["results"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["variant"].as_str().unwrap())
         .collect();
     assert_eq!(variants, ["plain", "mhc-reference", "mhc-fused"]);
-    for r in json["train"].as_array().unwrap() {
+    for r in json["train"]["results"].as_array().unwrap() {
         let steps: Vec<f64> = r["step_ms"]
             .as_array()
             .unwrap()
@@ -426,7 +426,7 @@ fn training_bench_reports_every_variant() {
     assert!(md.contains("| mhc-fused |") && md.contains("overhead vs plain"));
     // The layer tables need the GPU build: one clear message here.
     let (ok, err) = cli(&["bench", "--config", &file], d);
-    assert!(!ok && err.contains("needs a CUDA build"), "{err}");
+    assert!(!ok && err.contains("need a CUDA build"), "{err}");
     // every variant's step times are in its own TensorBoard run
     for v in variants {
         assert!(out
