@@ -12,6 +12,7 @@
 // CUDA launch code itself needs the `cuda` feature.
 #[cfg(feature = "cuda")]
 pub mod bench;
+pub mod cases;
 #[cfg(feature = "cuda")]
 pub mod chain;
 #[cfg(feature = "cuda")]
