@@ -5,7 +5,7 @@
 
 use super::mhc::Sublayer;
 use super::runtime::{Device, DeviceElem};
-use crate::mhc::apply::{DEFAULT_SINKHORN_ITERS, RMS_NORM_EPS};
+use crate::mhc::apply::{sinkhorn_iters, write_atomically, RMS_NORM_EPS};
 use crate::mhc::cpu::Elem;
 use crate::mhc::MhcShape;
 use anyhow::{bail, Context, Result};
@@ -223,46 +223,4 @@ fn f32_values(name: &str, t: &Tensor, want: &[usize]) -> Result<Vec<f32>> {
         bail!("tensor {name:?} has dtype {:?}, expected f32", t.dtype());
     }
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// t_max from the optional one-element `sinkhorn_iters` tensor.
-fn sinkhorn_iters(t: Option<Tensor>) -> Result<usize> {
-    let Some(t) = t else {
-        return Ok(DEFAULT_SINKHORN_ITERS);
-    };
-    if t.elem_count() != 1 {
-        bail!(
-            "tensor \"sinkhorn_iters\" has shape {:?}, expected a scalar",
-            t.dims()
-        );
-    }
-    let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
-    if !((1.0..=1e4).contains(&v) && v.fract() == 0.0) {
-        bail!("tensor \"sinkhorn_iters\" is {v}, expected an integer in 1..=10000");
-    }
-    Ok(v as usize)
-}
-
-/// Writes `tensors` to a temporary file beside `path`, then renames it: a reader never sees a
-/// half-written file.
-fn write_atomically(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("output path {} has no file name", path.display()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = candle_core::safetensors::save(tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-        });
-    if written.is_err() {
-        // Best effort: the error being returned is the one that matters.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }

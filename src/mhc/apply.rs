@@ -190,7 +190,7 @@ fn checked_f32(name: &str, t: Tensor, want: &[usize]) -> Result<Tensor> {
 }
 
 /// t_max from the optional one-element `sinkhorn_iters` tensor.
-fn sinkhorn_iters(t: Option<Tensor>) -> Result<usize> {
+pub fn sinkhorn_iters(t: Option<Tensor>) -> Result<usize> {
     let Some(t) = t else {
         return Ok(DEFAULT_SINKHORN_ITERS);
     };
@@ -209,7 +209,7 @@ fn sinkhorn_iters(t: Option<Tensor>) -> Result<usize> {
 
 /// Writes `tensors` to `<dir>/.<name>.tmp-<pid>`, then renames it to `path`: a reader never sees
 /// a half-written file.
-fn write_atomically(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+pub fn write_atomically(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("output path {} has no file name", path.display()))?;
