@@ -5,6 +5,12 @@
 //   mhc_f32_to_bf16 (round to nearest even on both).
 // - MHC_WAVE: lanes per warp/wave (32 on NVIDIA, 64 on AMD). Kernels size everything by it.
 // - mhc_shfl_xor: butterfly shuffle over the whole warp/wave (HIP 5.2 has no *_sync shuffles).
+// - mhc_copy16_async / mhc_copy_commit / mhc_copy_wait<N>: 16-byte global-to-shared copies that
+//   do not pass through registers (cp.async via <cuda_pipeline.h> on NVIDIA), committed in groups;
+//   wait<N> returns once at most N of this thread's groups are in flight. On HIP the copy is a
+//   plain load and store (done at once; the waits are no-ops).
+// - MHC_TENSOR_CORES: 1 where the bf16 WMMA API (<mma.h>, sm_80+) is available (nvcc), 0 on HIP,
+//   whose kernels take the FFMA path instead (same results within the spec's bounds).
 #pragma once
 
 #if defined(__HIP__) || defined(__HIPCC__)
@@ -14,17 +20,27 @@
 
 typedef hip_bfloat16 mhc_bf16;
 #define MHC_WAVE 64
+#define MHC_TENSOR_CORES 0
 
 __device__ __forceinline__ float mhc_bf16_to_f32(mhc_bf16 v) { return static_cast<float>(v); }
 __device__ __forceinline__ mhc_bf16 mhc_f32_to_bf16(float v) { return mhc_bf16(v); }
 __device__ __forceinline__ float mhc_shfl_xor(float v, int lane_mask) { return __shfl_xor(v, lane_mask); }
+// `valid` false writes zeros (src is not read).
+__device__ __forceinline__ void mhc_copy16_async(void* dst_shared, const void* src, bool valid) {
+    *reinterpret_cast<uint4*>(dst_shared) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+}
+__device__ __forceinline__ void mhc_copy_commit() {}
+template <int N> __device__ __forceinline__ void mhc_copy_wait() {}
 
 #else
 
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
+#include <mma.h>
 
 typedef __nv_bfloat16 mhc_bf16;
 #define MHC_WAVE 32
+#define MHC_TENSOR_CORES 1
 
 __device__ __forceinline__ float mhc_bf16_to_f32(mhc_bf16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ mhc_bf16 mhc_f32_to_bf16(float v) { return __float2bfloat16_rn(v); }
@@ -32,5 +48,11 @@ __device__ __forceinline__ mhc_bf16 mhc_f32_to_bf16(float v) { return __float2bf
 __device__ __forceinline__ float mhc_shfl_xor(float v, int lane_mask) {
     return __shfl_xor_sync(~0u, v, lane_mask);
 }
+// `valid` false writes zeros (src is not read: all 16 bytes are zero-filled).
+__device__ __forceinline__ void mhc_copy16_async(void* dst_shared, const void* src, bool valid) {
+    __pipeline_memcpy_async(dst_shared, src, 16, valid ? 0 : 16);
+}
+__device__ __forceinline__ void mhc_copy_commit() { __pipeline_commit(); }
+template <int N> __device__ __forceinline__ void mhc_copy_wait() { __pipeline_wait_prior(N); }
 
 #endif

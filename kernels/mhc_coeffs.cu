@@ -173,127 +173,304 @@ __device__ void coeffs_static(const float* __restrict__ alpha_b, float* __restri
     write_ext<N>(p, 1.0f, alpha_b, iters, ext + t * (2 * K + 1));
 }
 
-// Tiling of the forward projection P = xbar . phi, a skinny GEMM [T, D] x [D, k] (D = n*C).
-// Each warp/wave owns TOKW tokens; its lanes split the reduction axis (lane handles elements
-// e0 + q*WAVE + lane, coalesced across lanes) and keep TOKW x k partial sums in registers (about
-// 96: one block per multiprocessor; halving them for two blocks was slower on an H100, as every
-// phi value read from shared memory then feeds half the FMAs). The
-// block shares one CHUNK-row slice of phi in shared memory (rows padded to an odd stride: lanes
-// read different rows of one column without bank conflicts), so phi is read from L2 once per
-// block of (waves x TOKW) tokens instead of once per token.
-template <int N> struct FwdTile {
-    static constexpr int K = N * N + 2 * N;
-    static constexpr int TOKW = 96 / K < 1 ? 1 : (96 / K > 8 ? 8 : 96 / K);
-    static constexpr int KP = K | 1;
-    static constexpr int CHUNK = 128;
-    static constexpr int EPL = CHUNK / MHC_WAVE;
-    // The block size the kernel is launched with: the phi slice is filled by a fixed number of
-    // independent loads per thread (FILL), issued one chunk ahead.
-    static constexpr int THREADS = 256;
-    static constexpr int FILL = (CHUNK * K + THREADS - 1) / THREADS;
+// ---- Forward projection: P = xbar . phi and sum(xbar^2), per (token tile, slice of D) ----------
+//
+// The skinny GEMM [T, D] x [D, k] (D = n*C, k <= 80) runs in blocks of PROJ_TOKENS tokens x one
+// slice of D (`d_per_split` elements, a multiple of 64 = ProjStep<T>::CHUNK for both dtypes; grid
+// y = slices), so short inputs still fill the device: T = 1024 is 16 token tiles, and slices of
+// D multiply that. Each block writes its partial row [P (k) | sum x^2 (1)] per token to
+// partial[slice][t]; `coeffs_finish` adds the slices and applies scale, bias, activations and
+// Sinkhorn.
+//
+// Per step a block takes 128 bytes of each of its token rows. x goes global -> shared by 16-byte
+// asynchronous copies, PROJ_STAGES - 1 steps ahead (the kernel is bound by bytes in flight: with
+// one step prefetched through registers it read x at ~0.7 TB/s on an H100, whatever the dtype).
+// phi's matching rows (an L2-resident run of CHUNK * k floats) go through registers one step
+// ahead. Then the staged tiles are multiplied: on NVIDIA with bf16 storage on tensor cores
+// (MmaProduct), otherwise with FFMA (FmaProduct).
+constexpr int PROJ_TOKENS = 64;
+constexpr int PROJ_THREADS = 128;
+constexpr int PROJ_STAGES = 3;
+// 16-byte copies per token row per step, copies per thread per step, and the token rows one
+// thread's copies cover: tid / PROJ_ROW_COPIES + i * PROJ_ROW_STEP.
+constexpr int PROJ_ROW_COPIES = 8;
+constexpr int PROJ_COPIES = PROJ_TOKENS * PROJ_ROW_COPIES / PROJ_THREADS;
+constexpr int PROJ_ROW_STEP = PROJ_THREADS / PROJ_ROW_COPIES;
+static_assert(PROJ_TOKENS * PROJ_ROW_COPIES % PROJ_THREADS == 0, "whole copies per thread");
+// Resident blocks per multiprocessor the register budget is set for: five (96 registers) for
+// n <= 4, where that costs no spills; fewer for the wider n = 5..8 accumulators.
+constexpr int proj_min_blocks(int n) { return n <= 4 ? 5 : 2; }
+
+template <typename T> struct ProjStep {
+    static constexpr int VEC = 16 / (int)sizeof(T);          // elements per copy
+    static constexpr int CHUNK = PROJ_ROW_COPIES * VEC;     // elements of D per step: 64 bf16, 32 f32
+    static constexpr int XS = CHUNK + VEC;                  // staged row stride: 16-byte rows, padded
+    static constexpr int STAGE = PROJ_TOKENS * XS;          // elements per stage
 };
 
-// Fused forward: projection, sum of squares, scale/bias, sigmoids, Sinkhorn; one launch, one read
-// of x. Block = FwdTile::THREADS threads; tokens per block = (THREADS / wave size) * TOKW.
-template <typename T, int N>
-__device__ void coeffs_forward(const T* __restrict__ x, const float* __restrict__ phi,
-                               const float* __restrict__ alpha_b, float* __restrict__ ext, long long tokens,
-                               long long D, int iters) {
-    using Tile = FwdTile<N>;
-    constexpr int K = Tile::K, TOKW = Tile::TOKW, KP = Tile::KP, CHUNK = Tile::CHUNK, EPL = Tile::EPL;
-    constexpr int THREADS = Tile::THREADS, FILL = Tile::FILL;
-    __shared__ float s_phi[CHUNK * KP];
-    const int wave = threadIdx.x / MHC_WAVE;
-    const int lane = threadIdx.x % MHC_WAVE;
-    const long long t0 = (blockIdx.x * (long long)(blockDim.x / MHC_WAVE) + wave) * TOKW;
-    // Rows past the last token read the last token (in bounds); their results are dropped.
-    const T* rows[TOKW];
-#pragma unroll
-    for (int tok = 0; tok < TOKW; ++tok) rows[tok] = x + (t0 + tok < tokens ? t0 + tok : tokens - 1) * D;
+// FFMA product of a staged tile: thread (q, g) owns tokens q + 16 i (i < 4) and the KC columns
+// of group g (8 groups), so per element of D it reads 4 x values (rows 16 apart) and KC phi
+// values (one address per group: broadcasts).
+template <typename T, int N> struct FmaProduct {
+    static constexpr int K = N * N + 2 * N;
+    static constexpr int KC = (K + 7) / 8;
+    static constexpr int CHUNK = ProjStep<T>::CHUNK;
+    static constexpr int XS = ProjStep<T>::XS;
+    // Row stride of staged phi. Columns g*KC + j >= k read into the next row (or the padding
+    // row at the end): their sums land in result columns that are never written out.
+    static constexpr int PS = K;
+    static constexpr int OUT_STRIDE = 8 * KC;
+    static_assert(PROJ_THREADS == 16 * 8 && PROJ_TOKENS == 16 * 4, "FmaProduct's thread map");
+    struct Shared {
+        float phi[(CHUNK + 1) * PS];
+    };
+    float acc[4][KC];
 
-    float acc[TOKW][K], ss[TOKW];
+    __device__ void init() {
 #pragma unroll
-    for (int tok = 0; tok < TOKW; ++tok) {
-        ss[tok] = 0.0f;
+        for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int c = 0; c < K; ++c) acc[tok][c] = 0.0f;
+            for (int j = 0; j < KC; ++j) acc[i][j] = 0.0f;
     }
-    // x of the next chunk is loaded while the current one is multiplied. The prefetch registers
-    // hold the raw storage values: converting right after the load would stall the warp on it.
-    // Addresses past D are clamped in bounds; those elements count as zero when converted.
-    T xn[TOKW][EPL];
-    auto fetch_x = [&](long long e0) {
+    __device__ void stage_phi(Shared& s, int at, float v) { s.phi[at] = v; }
+    __device__ void multiply(const T* __restrict__ xs, const Shared& s) {
+        const int q = threadIdx.x % 16, g = threadIdx.x / 16;
+#pragma unroll 4
+        for (int d = 0; d < CHUNK; ++d) {
+            float xv[4];
 #pragma unroll
-        for (int q = 0; q < EPL; ++q) {
-            const long long e = e0 + q * MHC_WAVE + lane;
-            const long long ec = e < D ? e : D - 1;
+            for (int i = 0; i < 4; ++i) xv[i] = to_f32(xs[(q + 16 * i) * XS + d]);
 #pragma unroll
-            for (int tok = 0; tok < TOKW; ++tok) xn[tok][q] = rows[tok][ec];
+            for (int j = 0; j < KC; ++j) {
+                const float w = s.phi[d * PS + g * KC + j];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i][j] += xv[i] * w;
+            }
         }
-    };
-    fetch_x(0);
-    // phi of the next slice, likewise: FILL independent loads per thread in flight.
-    float pf[FILL];
-    auto fetch_phi = [&](long long e0) {
+    }
+    __device__ void store(float* out) const {
+        const int q = threadIdx.x % 16, g = threadIdx.x / 16;
 #pragma unroll
-        for (int i = 0; i < FILL; ++i) {
-            const int idx = i * THREADS + threadIdx.x;
-            pf[i] = idx < CHUNK * K && e0 + idx / K < D ? phi[e0 * K + idx] : 0.0f;
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < KC; ++j) out[(q + 16 * i) * OUT_STRIDE + g * KC + j] = acc[i][j];
+    }
+};
+
+#if MHC_TENSOR_CORES
+// Tensor-core product for bf16 storage: warp w owns tokens 16w .. 16w + 15 and every column, in
+// 16 x 16 accumulator tiles (k padded to KP). x is exact in bf16; phi (f32) is staged as
+// hi = bf16(phi) and lo = bf16(phi - hi), two MMAs per tile, so P carries phi to ~2^-17
+// relative (the FFMA path: ~2^-24 per term; both far inside the spec's bf16 bound).
+template <int N> struct MmaProduct {
+    static constexpr int K = N * N + 2 * N;
+    static constexpr int KP = (K + 15) / 16 * 16;
+    static constexpr int TILES = KP / 16;
+    static constexpr int CHUNK = ProjStep<mhc_bf16>::CHUNK;
+    static constexpr int XS = ProjStep<mhc_bf16>::XS;
+    // Row strides in elements: multiples of 8 (WMMA's ldm rule for 16-bit types), so 16-row
+    // steps stay 32-byte aligned. phi's is k rounded up to 8 (k itself for even n); tile columns
+    // past k read into the next row (or the padding rows at the end) and land in result columns
+    // that are never written out (each output column depends on its own B column only).
+    static constexpr int PS = (K + 7) / 8 * 8;
+    static constexpr int OUT_STRIDE = KP;
+    static_assert(PROJ_THREADS / 32 * 16 == PROJ_TOKENS, "one warp per 16 tokens");
+    static_assert(XS % 8 == 0 && CHUNK % 16 == 0, "WMMA tiles of the staged x");
+    struct Shared {
+        mhc_bf16 phi_hi[(CHUNK + 2) * PS];
+        mhc_bf16 phi_lo[(CHUNK + 2) * PS];
+    };
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[TILES];
+
+    __device__ void init() {
+#pragma unroll
+        for (int n = 0; n < TILES; ++n) nvcuda::wmma::fill_fragment(acc[n], 0.0f);
+    }
+    __device__ void stage_phi(Shared& s, int at, float v) {
+        const mhc_bf16 hi = mhc_f32_to_bf16(v);
+        s.phi_hi[at] = hi;
+        s.phi_lo[at] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi));
+    }
+    __device__ void multiply(const mhc_bf16* __restrict__ xs, const Shared& s) {
+        using namespace nvcuda;
+        const int warp = threadIdx.x / 32;
+#pragma unroll 1
+        for (int ks = 0; ks < CHUNK / 16; ++ks) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+            wmma::load_matrix_sync(a, xs + 16 * warp * XS + 16 * ks, XS);
+#pragma unroll
+            for (int n = 0; n < TILES; ++n) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+                wmma::load_matrix_sync(b, &s.phi_hi[16 * ks * PS + 16 * n], PS);
+                wmma::mma_sync(acc[n], a, b, acc[n]);
+                wmma::load_matrix_sync(b, &s.phi_lo[16 * ks * PS + 16 * n], PS);
+                wmma::mma_sync(acc[n], a, b, acc[n]);
+            }
         }
-    };
-    fetch_phi(0);
-    for (long long e0 = 0; e0 < D; e0 += CHUNK) {
-        __syncthreads();  // every wave is done with the previous slice
+    }
+    __device__ void store(float* out) const {
+        const int warp = threadIdx.x / 32;
 #pragma unroll
-        for (int i = 0; i < FILL; ++i) {
-            const int idx = i * THREADS + threadIdx.x;
-            if (idx < CHUNK * K) s_phi[(idx / K) * KP + idx % K] = pf[i];
+        for (int n = 0; n < TILES; ++n)
+            nvcuda::wmma::store_matrix_sync(out + 16 * warp * OUT_STRIDE + 16 * n, acc[n], OUT_STRIDE,
+                                            nvcuda::wmma::mem_row_major);
+    }
+};
+#endif
+
+template <typename T, int N> struct ProductFor {
+    using type = FmaProduct<T, N>;
+};
+#if MHC_TENSOR_CORES
+template <int N> struct ProductFor<mhc_bf16, N> {
+    using type = MmaProduct<N>;
+};
+#endif
+
+// Starts the copies of the thread's share of x rows t0 .. t0 + PROJ_TOKENS, columns e0 ..
+// e0 + CHUNK into one stage. Rows past the last token read the last token (their results are
+// dropped); columns at or past e_end are zeros (they must not add to P or the sum of squares).
+// Rows that are not 16-byte aligned (D not a multiple of VEC, or an offset view) are copied
+// element by element, at once.
+template <typename T>
+__device__ __forceinline__ void copy_x_step(T* __restrict__ stage, const T* __restrict__ x, long long t0,
+                                            long long tokens, long long D, long long e0, long long e_end, bool vec) {
+    using S = ProjStep<T>;
+#pragma unroll
+    for (int i = 0; i < PROJ_COPIES; ++i) {
+        const int v = threadIdx.x + PROJ_THREADS * i;
+        const int row = v / PROJ_ROW_COPIES, col = (v % PROJ_ROW_COPIES) * S::VEC;
+        const long long t = t0 + row < tokens ? t0 + row : tokens - 1;
+        const long long e = e0 + col;
+        const T* src = x + t * D + e;
+        T* dst = stage + row * S::XS + col;
+        if (vec) {
+            mhc_copy16_async(dst, e < e_end ? src : x, e < e_end);
+        } else {
+#pragma unroll
+            for (int q = 0; q < S::VEC; ++q) dst[q] = e + q < e_end ? src[q] : from_f32<T>(0.0f);
+        }
+    }
+}
+
+// The matching phi rows e0 .. e0 + CHUNK: one contiguous run of CHUNK * k floats (zero past
+// e_end), element idx = threadIdx.x + i * PROJ_THREADS of the run in pf[i].
+template <int K, int LOADS>
+__device__ __forceinline__ void load_phi_step(const float* __restrict__ phi, long long e0, long long e_end,
+                                              float (&pf)[LOADS]) {
+    const float* run = phi + e0 * K;
+    const long long len = (e_end - e0) * K;
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+        const int idx = threadIdx.x + PROJ_THREADS * i;
+        pf[i] = idx < len ? run[idx] : 0.0f;
+    }
+}
+
+template <typename T, int N>
+__device__ void coeffs_project(const T* __restrict__ x, const float* __restrict__ phi, float* __restrict__ partial,
+                               long long tokens, long long D, long long d_per_split) {
+    using Product = typename ProductFor<T, N>::type;
+    using S = ProjStep<T>;
+    constexpr int K = N * N + 2 * N;
+    constexpr int CHUNK = S::CHUNK;
+    constexpr int PS = Product::PS;
+    constexpr int PHI_LOADS = (CHUNK * K + PROJ_THREADS - 1) / PROJ_THREADS;
+    // The x stages, then (after the last step) the product's result in the same bytes.
+    __shared__ __align__(128) T xs[PROJ_STAGES * S::STAGE];
+    static_assert(sizeof(xs) >= PROJ_TOKENS * Product::OUT_STRIDE * sizeof(float), "result fits the stages");
+    __shared__ __align__(32) typename Product::Shared staged;
+    __shared__ float s_sum_sq[PROJ_TOKENS];
+
+    const long long t0 = blockIdx.x * (long long)PROJ_TOKENS;
+    const long long e_begin = blockIdx.y * d_per_split;
+    const long long e_end = e_begin + d_per_split < D ? e_begin + d_per_split : D;
+    const int steps = (int)((e_end - e_begin + CHUNK - 1) / CHUNK);
+    const bool vec = pack_ok<T, S::VEC>(x, D);
+    Product product;
+    product.init();
+    float sum_sq[PROJ_COPIES];
+#pragma unroll
+    for (int i = 0; i < PROJ_COPIES; ++i) sum_sq[i] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < PROJ_STAGES - 1; ++s) {
+        if (s < steps) copy_x_step(xs + s * S::STAGE, x, t0, tokens, D, e_begin + s * CHUNK, e_end, vec);
+        mhc_copy_commit();
+    }
+    float pf[PHI_LOADS];
+    load_phi_step<K>(phi, e_begin, e_end, pf);
+    for (int step = 0; step < steps; ++step) {
+        const long long e0 = e_begin + (long long)step * CHUNK;
+        mhc_copy_wait<PROJ_STAGES - 2>();  // this thread's copies of this step have landed
+        __syncthreads();  // everyone's have; everyone is done with the previous step's tiles
+        const int ahead = step + PROJ_STAGES - 1;
+        if (ahead < steps)
+            copy_x_step(xs + (ahead % PROJ_STAGES) * S::STAGE, x, t0, tokens, D, e_begin + (long long)ahead * CHUNK,
+                        e_end, vec);
+        mhc_copy_commit();
+        const T* stage = xs + (step % PROJ_STAGES) * S::STAGE;
+#pragma unroll
+        for (int i = 0; i < PROJ_COPIES; ++i) {
+            const int v = threadIdx.x + PROJ_THREADS * i;
+            const T* own = stage + (v / PROJ_ROW_COPIES) * S::XS + (v % PROJ_ROW_COPIES) * S::VEC;
+            const Pack<T, S::VEC> pk = *reinterpret_cast<const Pack<T, S::VEC>*>(own);
+#pragma unroll
+            for (int q = 0; q < S::VEC; ++q) {
+                const float f = to_f32(pk.v[q]);
+                sum_sq[i] += f * f;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < PHI_LOADS; ++i) {
+            const int idx = threadIdx.x + PROJ_THREADS * i;
+            if (idx < CHUNK * K) product.stage_phi(staged, PS == K ? idx : idx / K * PS + idx % K, pf[i]);
         }
         __syncthreads();
-        if (e0 + CHUNK < D) fetch_phi(e0 + CHUNK);
-        float xv[TOKW][EPL];
-#pragma unroll
-        for (int q = 0; q < EPL; ++q) {
-            const bool in = e0 + q * MHC_WAVE + lane < D;
-#pragma unroll
-            for (int tok = 0; tok < TOKW; ++tok) {
-                xv[tok][q] = in ? to_f32(xn[tok][q]) : 0.0f;
-                ss[tok] += xv[tok][q] * xv[tok][q];
-            }
-        }
-        if (e0 + CHUNK < D) fetch_x(e0 + CHUNK);
-#pragma unroll
-        for (int c = 0; c < K; ++c) {
-#pragma unroll
-            for (int q = 0; q < EPL; ++q) {
-                const float w = s_phi[(q * MHC_WAVE + lane) * KP + c];
-#pragma unroll
-                for (int tok = 0; tok < TOKW; ++tok) acc[tok][c] += xv[tok][q] * w;
-            }
-        }
+        if (step + 1 < steps) load_phi_step<K>(phi, e0 + CHUNK, e_end, pf);
+        product.multiply(stage, staged);
     }
+    // Row sums of squares: the PROJ_ROW_COPIES lanes that copied a row are neighbours in one wave.
 #pragma unroll
-    for (int tok = 0; tok < TOKW; ++tok) {
-        ss[tok] = wave_sum(ss[tok]);
+    for (int i = 0; i < PROJ_COPIES; ++i)
 #pragma unroll
-        for (int c = 0; c < K; ++c) acc[tok][c] = wave_sum(acc[tok][c]);
+        for (int m = 1; m < PROJ_ROW_COPIES; m *= 2) sum_sq[i] += mhc_shfl_xor(sum_sq[i], m);
+    mhc_copy_wait<0>();
+    __syncthreads();  // the stages are consumed; the result goes over them
+    if (threadIdx.x % PROJ_ROW_COPIES == 0) {
+#pragma unroll
+        for (int i = 0; i < PROJ_COPIES; ++i) s_sum_sq[threadIdx.x / PROJ_ROW_COPIES + PROJ_ROW_STEP * i] = sum_sq[i];
     }
-    // Lane tok finishes token t0 + tok (compile-time register indices only).
+    float* result = reinterpret_cast<float*>(xs);
+    product.store(result);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < PROJ_TOKENS * (K + 1); idx += PROJ_THREADS) {
+        const int row = idx / (K + 1), c = idx % (K + 1);
+        const long long t = t0 + row;
+        if (t < tokens)
+            partial[(blockIdx.y * tokens + t) * (K + 1) + c] =
+                c < K ? result[row * Product::OUT_STRIDE + c] : s_sum_sq[row];
+    }
+}
+
+// Per token: P and sum x^2 added over the `splits` slices of D, r = sqrt(mean(xbar^2) + eps_r),
+// then scale/bias, activations and Sinkhorn into ext. One thread per token.
+template <int N>
+__device__ void coeffs_finish(const float* __restrict__ partial, const float* __restrict__ alpha_b,
+                              float* __restrict__ ext, long long tokens, long long D, int splits, int iters) {
+    constexpr int K = N * N + 2 * N;
+    const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (t >= tokens) return;
     float p[K], sum_sq = 0.0f;
 #pragma unroll
     for (int c = 0; c < K; ++c) p[c] = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float* row = partial + (s * tokens + t) * (K + 1);
 #pragma unroll
-    for (int tok = 0; tok < TOKW; ++tok) {
-        if (lane == tok) {
-            sum_sq = ss[tok];
-#pragma unroll
-            for (int c = 0; c < K; ++c) p[c] = acc[tok][c];
-        }
+        for (int c = 0; c < K; ++c) p[c] += row[c];
+        sum_sq += row[K];
     }
-    if (lane < TOKW && t0 + lane < tokens) {
-        const float r = sqrtf(sum_sq / (float)D + EPS_RMS);
-        write_ext<N>(p, r, alpha_b, iters, ext + (t0 + lane) * (2 * K + 1));
-    }
+    const float r = sqrtf(sum_sq / (float)D + EPS_RMS);
+    write_ext<N>(p, r, alpha_b, iters, ext + t * (2 * K + 1));
 }
 
 // Row stride of the per-token backward scratch dp: [dP (k) | coef (1) | zero padding] so rows
@@ -497,7 +674,8 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
 // Exported kernels, one per (dtype, n), spelled out so each name is greppable (the launch table
 // in src/gpu/mhc.rs and scripts/check-kernels.sh look them up by name).
 #define STATIC_PARAMS const float *alpha_b, float *ext, long long tokens, int iters
-#define FWD_PARAMS(T) const T *x, const float *phi, const float *alpha_b, float *ext, long long tokens, long long D, int iters
+#define PROJECT_PARAMS(T) const T *x, const float *phi, float *partial, long long tokens, long long D, long long d_per_split
+#define FINISH_PARAMS const float *partial, const float *alpha_b, float *ext, long long tokens, long long D, int splits, int iters
 #define BWD_TOKEN_PARAMS \
     const float *alpha_b, const float *ext, const float *d_ext, float *dp, float *den, float *dalpha_b, long long tokens, \
         long long D, int iters
@@ -509,57 +687,64 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
         float *dphi, long long tokens, long long D, long long C, long long tokens_per_split
 extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_fwd_f32_n2(FWD_PARAMS(float)) { coeffs_forward<float, 2>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, tokens, D, splits, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_fwd_bf16_n2(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 2>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_bf16_n2(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 2>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_fwd_f32_n3(FWD_PARAMS(float)) { coeffs_forward<float, 3>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, tokens, D, splits, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_fwd_bf16_n3(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 3>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_bf16_n3(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 3>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_fwd_f32_n4(FWD_PARAMS(float)) { coeffs_forward<float, 4>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, tokens, D, splits, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_fwd_bf16_n4(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 4>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_bf16_n4(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 4>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_fwd_f32_n5(FWD_PARAMS(float)) { coeffs_forward<float, 5>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, tokens, D, splits, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_fwd_bf16_n5(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 5>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_bf16_n5(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 5>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_fwd_f32_n6(FWD_PARAMS(float)) { coeffs_forward<float, 6>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, tokens, D, splits, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_fwd_bf16_n6(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 6>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_bf16_n6(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 6>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_fwd_f32_n7(FWD_PARAMS(float)) { coeffs_forward<float, 7>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, tokens, D, splits, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_fwd_bf16_n7(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 7>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_bf16_n7(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 7>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
-extern "C" __global__ void mhc_coeffs_fwd_f32_n8(FWD_PARAMS(float)) { coeffs_forward<float, 8>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, tokens, D, splits, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_fwd_bf16_n8(FWD_PARAMS(mhc_bf16)) { coeffs_forward<mhc_bf16, 8>(x, phi, alpha_b, ext, tokens, D, iters); }
+extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_bf16_n8(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 8>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }

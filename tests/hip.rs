@@ -9,14 +9,15 @@
 //!   the entry points fail with one clear message.
 
 use mhc_train::gpu::{
-    Arg, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FWD, COEFFS_STATIC, KERNELS, POST_BWD,
-    POST_FWD, PRE_BWD, PRE_FWD,
+    Arg, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC,
+    KERNELS, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
 };
 
 /// The table's constants by name, as the launch layers spell them.
-const SPECS: [(&str, KernelSpec); 8] = [
+const SPECS: [(&str, KernelSpec); 9] = [
     ("COEFFS_STATIC", COEFFS_STATIC),
-    ("COEFFS_FWD", COEFFS_FWD),
+    ("COEFFS_PROJECT", COEFFS_PROJECT),
+    ("COEFFS_FINISH", COEFFS_FINISH),
     ("COEFFS_BWD_TOKEN", COEFFS_BWD_TOKEN),
     ("COEFFS_BWD_X", COEFFS_BWD_X),
     ("PRE_FWD", PRE_FWD),

@@ -3,13 +3,15 @@
 //! exported kernel of its module's `kernels/<stem>.cu`, with the table's argument list: names in
 //! order, `const` pointers for `In`, writable pointers for `Out`/`Accumulate`, f32 pointers for
 //! `F32`, the dtype's storage pointer for `Storage`, `long long` for `I64`, `int` for `I32`.
-//! Also the launch rules of the RMSNorm kernels.
+//! Also the launch rules of the RMSNorm kernels and of the coefficient projection.
 
 use candle_core::DType;
 use mhc_train::gpu::{
-    Arg, DeviceLimits, Elem, KernelSpec, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, KERNELS,
-    MAX_STREAMS, MIN_STREAMS, NEW_KERNELS, RMS_NORM_BWD, RMS_NORM_FWD,
+    Arg, DeviceLimits, Elem, KernelSpec, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, COEFFS_PROJECT,
+    KERNELS, MAX_STREAMS, MIN_STREAMS, NEW_KERNELS, PROJECT_BLOCKS_PER_MULTIPROCESSOR,
+    PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_FWD,
 };
+use mhc_train::mhc::MhcShape;
 use std::collections::HashMap;
 
 /// One parameter as declared: (name, C type text without the name).
@@ -40,6 +42,11 @@ fn exported_kernels(src: &str) -> HashMap<String, Vec<Param>> {
     for line in joined.lines() {
         let Some(rest) = line.trim().strip_prefix("extern \"C\" __global__ void ") else {
             continue;
+        };
+        // An occupancy hint between the return type and the name: `__launch_bounds__(..) `.
+        let rest = match rest.strip_prefix("__launch_bounds__(") {
+            Some(bounds) => bounds[bounds.find(") ").unwrap() + 2..].trim_start(),
+            None => rest,
         };
         let open = rest.find('(').unwrap();
         let name = rest[..open].to_string();
@@ -140,9 +147,9 @@ fn every_table_kernel_is_exported_with_the_table_arguments() {
             }
         }
     }
-    // 6 mHC families of 14 symbols (2 dtypes x 7 n), 2 of 7 (n only), the RMSNorm pair (2
-    // dtypes each), the 2 chained families of 14.
-    assert_eq!(checked, 6 * 14 + 2 * 7 + 2 * 2 + 2 * 14);
+    // 6 mHC families of 14 symbols (2 dtypes x 7 n), 3 of 7 (n only: static, finish, per-token
+    // backward), the RMSNorm pair (2 dtypes each), the 2 chained families of 14.
+    assert_eq!(checked, 6 * 14 + 3 * 7 + 2 * 2 + 2 * 14);
 }
 
 #[test]
@@ -186,4 +193,48 @@ fn rms_norm_launch_rules() {
         RMS_NORM_FWD.symbol(DType::BF16, 0).unwrap(),
         "rms_norm_fwd_bf16"
     );
+}
+
+#[test]
+fn projection_slices_cover_d_and_fill_the_device() {
+    let limits = DeviceLimits {
+        wave: 32,
+        multiprocessors: 132,
+    };
+    let target = PROJECT_BLOCKS_PER_MULTIPROCESSOR * 132;
+    for (tokens, streams, width) in [
+        (16384, 4, 1280),
+        (1024, 4, 1280),
+        (128, 4, 2560),
+        (1, 4, 1280),
+        (5, 2, 7),
+        (64, 8, 33),
+        (100_000, 4, 1280),
+    ] {
+        let shape = MhcShape {
+            streams,
+            width,
+            sinkhorn_iters: 20,
+            dynamic: true,
+        };
+        let d = streams * width;
+        let g = COEFFS_PROJECT.geometry(&limits, &shape, DType::BF16, tokens);
+        let (tiles, slices) = (g.grid.0 as usize, g.grid.1 as usize);
+        let case = format!("T={tokens} n={streams} C={width}: {g:?}");
+        assert_eq!(g.block, 128, "{case}");
+        assert_eq!(tiles, tokens.div_ceil(PROJECT_TOKENS), "{case}");
+        // Slices are whole chunks, cover D, and none is empty.
+        assert_eq!(g.split_len % PROJECT_CHUNK, 0, "{case}");
+        assert!(slices * g.split_len >= d, "{case}");
+        assert!((slices - 1) * g.split_len < d, "{case}");
+        // Enough blocks to fill the device unless D has no more chunks to split into (rounding
+        // slices up to whole chunks at most halves the count aimed for); never more slices than
+        // needed for that.
+        if slices < d.div_ceil(PROJECT_CHUNK) {
+            assert!(2 * tiles * slices >= target, "{case}");
+        }
+        if slices > 1 {
+            assert!(tiles * (slices - 1) < target, "{case}");
+        }
+    }
 }

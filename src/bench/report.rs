@@ -428,8 +428,9 @@ fn layer_markdown(r: &LayerResults) -> String {
          in use before its inputs were made (inputs, parameters, activations and gradients \
          count; the pool is trimmed between variants). Sinkhorn iterations 20. Layer variants: \
          candle-ops = `mhc::reference` coeffs, pre and post with F as candle basic ops, autograd \
-         backward; fused = the fused mHC ops (`mhc::ops`) with F = `mhc::apply::rms_norm` (the \
-         trainer's F).\n\n",
+         backward; fused = the trainer's path, the chained fused sublayer `mhc::ops::sublayer` \
+         (backward writes dx once) with F = the fused RMSNorm `mhc::apply::rms_norm`, candle's \
+         autograd around it.\n\n",
         r.warmup,
         r.flush_bytes >> 20,
         r.reps,

@@ -184,9 +184,9 @@ impl Sublayer {
         let phi = self.phi.as_ref().map(|p| p.as_tensor());
         let (alpha, b) = (self.alpha.as_tensor(), self.b.as_tensor());
         if fused {
-            let h = ops::coeffs(x, phi, alpha, b, shape)?;
-            let y = rms_norm(&ops::pre(x, &h, shape)?, self.gamma.as_tensor())?;
-            ops::post(x, &h, &y, shape)
+            // The trainer's path: the chained sublayer (dx written once in the backward).
+            let f = |u: &Tensor| rms_norm(u, self.gamma.as_tensor());
+            Ok(ops::sublayer(x, phi, alpha, b, shape, f)?.0)
         } else {
             let h = reference::coeffs(x, phi, alpha, b, shape)?;
             let y = candle_ops_rms_norm(&reference::pre(x, &h, shape)?, self.gamma.as_tensor())?;

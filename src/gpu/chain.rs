@@ -122,7 +122,7 @@ fn coeffs_backward_sum_t<T: StorageElem>(
         let du_v = view::<T>(op, "du", du_s, du_l)?;
         let h_v = view::<f32>(op, "h", h_s, h_l)?;
         let (tokens_i, d_i, c_i) = (tokens as i64, d as i64, c as i64);
-        let per_split_i = geometry.tokens_per_split as i64;
+        let per_split_i = geometry.split_len as i64;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&x_v).arg(&phi_v).arg(&dp);

@@ -1,13 +1,14 @@
 //! CUDA launch layer of the fused mHC ops (.notes/OPS.md): each function checks shapes, allocates
 //! its outputs on the device, and launches the kernels of `kernels/*.cu` on candle's stream.
 //!
-//! Launches per op: coeffs forward 1 (dynamic or static); coeffs backward 1 (static) or 2
+//! Launches per op: coeffs forward 2 (dynamic: the projection over slices of D into a partial
+//! buffer, then the per-token finish) or 1 (static); coeffs backward 1 (static) or 2
 //! (dynamic: per-token activation/Sinkhorn backward, then dx and dphi in one pass over x), plus
 //! the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
 
 use super::{
     bwd_row_len, DeviceLimits, Geometry, KernelSpec, Module, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
-    COEFFS_FWD, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
+    COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
@@ -244,16 +245,26 @@ fn coeffs_forward_t<T: StorageElem>(
     if tokens > 0 {
         let dtype = x.dtype();
         if shape.dynamic {
-            let func = function(dev, &COEFFS_FWD, dtype, n)?;
             let x = view::<T>(op, "x", x, x_l)?;
             let phi = view::<f32>(op, "phi", phi, phi_l)?;
-            let geometry = COEFFS_FWD.geometry(&limits(dev)?, shape, dtype, tokens);
-            let d_i = d as i64;
+            let limits = limits(dev)?;
+            let project = COEFFS_PROJECT.geometry(&limits, shape, dtype, tokens);
+            let splits = project.grid.1 as usize;
+            let mut partial = alloc_out::<f32>(dev, splits * tokens * (k + 1))?;
+            let (d_i, d_per_split_i, splits_i) =
+                (d as i64, project.split_len as i64, splits as i32);
             let stream = dev.cuda_stream();
+            let func = function(dev, &COEFFS_PROJECT, dtype, n)?;
             let mut b = stream.launch_builder(&func);
-            b.arg(&x).arg(&phi).arg(&alpha_b).arg(&mut ext);
-            b.arg(&tokens_i).arg(&d_i).arg(&iters);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            b.arg(&x).arg(&phi).arg(&mut partial);
+            b.arg(&tokens_i).arg(&d_i).arg(&d_per_split_i);
+            unsafe { b.launch(cfg(&project)) }.w()?;
+            let func = function(dev, &COEFFS_FINISH, dtype, n)?;
+            let finish = COEFFS_FINISH.geometry(&limits, shape, dtype, tokens);
+            let mut b = stream.launch_builder(&func);
+            b.arg(&partial).arg(&alpha_b).arg(&mut ext);
+            b.arg(&tokens_i).arg(&d_i).arg(&splits_i).arg(&iters);
+            unsafe { b.launch(cfg(&finish)) }.w()?;
         } else {
             let func = function(dev, &COEFFS_STATIC, dtype, n)?;
             let geometry = COEFFS_STATIC.geometry(&limits(dev)?, shape, dtype, tokens);
@@ -309,7 +320,7 @@ fn coeffs_backward_t<T: StorageElem>(
     if tokens > 0 && d > 0 {
         let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
         let geometry = COEFFS_BWD_X.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let per_split_i = geometry.tokens_per_split as i64;
+        let per_split_i = geometry.split_len as i64;
         let (tokens_i, d_i) = (tokens as i64, d as i64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);

@@ -101,8 +101,11 @@ pub enum Block {
 /// Blocks of a launch, by the work each block owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grid {
-    /// `fwd_tokens_per_wave(n)` tokens per wave of the block.
-    TokenTiles,
+    /// x over tiles of `PROJECT_TOKENS` tokens, y over slices of D = n*C: each slice a multiple
+    /// of `PROJECT_CHUNK` elements, as many slices as make about `PROJECT_BLOCKS_PER_MULTIPROCESSOR`
+    /// blocks per multiprocessor (so short inputs still fill the device). The slice length is
+    /// the kernel's `d_per_split` argument; the slice count sizes its partial output.
+    ProjectTiles,
     /// One thread per token.
     ThreadPerToken,
     /// Grid-stride over (token, vector chunk of C): one thread per chunk, at most
@@ -112,7 +115,7 @@ pub enum Grid {
     BlockPerToken,
     /// x over the reduction axis D = n*C (`BWD_X_ELEMS_PER_THREAD` per thread), y over token
     /// ranges: about two blocks per multiprocessor, ranges of at least `BWD_X_TOKEN_CHUNK` tokens.
-    /// The range length is the kernel's `tokens_per_split` argument.
+    /// The range length is the kernel's `tokens_per_split` argument (`Geometry::split_len`).
     SplitD,
     /// Grid-stride over rows, one block per row at a time, at most
     /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor: each block sums its
@@ -130,6 +133,12 @@ pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
 /// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor.
 pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 8;
+/// `Grid::ProjectTiles` (mirrors PROJ_TOKENS and PROJ_CHUNK in kernels/mhc_coeffs.cu): tokens
+/// per block, and the step along D whose multiples the slices are.
+pub const PROJECT_TOKENS: usize = 64;
+pub const PROJECT_CHUNK: usize = 64;
+/// `Grid::ProjectTiles`: blocks per multiprocessor the slicing of D aims for.
+pub const PROJECT_BLOCKS_PER_MULTIPROCESSOR: usize = 4;
 
 /// What a launch layer knows of its device for the launch rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,13 +148,14 @@ pub struct DeviceLimits {
     pub multiprocessors: usize,
 }
 
-/// Grid and block of one launch, and the `tokens_per_split` argument of `Grid::SplitD` kernels
-/// (0 for the others).
+/// Grid and block of one launch, and the length of a split along grid y: tokens per range of
+/// `Grid::SplitD` kernels, elements of D per slice of `Grid::ProjectTiles` kernels (0 for the
+/// others).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     pub grid: (u32, u32),
     pub block: u32,
-    pub tokens_per_split: usize,
+    pub split_len: usize,
 }
 
 /// A kernel family: when `per_streams`, one `extern "C"` kernel per stream count n in
@@ -236,18 +246,18 @@ impl KernelSpec {
         let blocks = |items: usize, per_block: usize, cap: usize| {
             items.div_ceil(per_block).clamp(1, cap) as u32
         };
-        let (grid, tokens_per_split) = match self.grid {
-            Grid::TokenTiles => (
+        let (grid, split_len) = match self.grid {
+            Grid::ProjectTiles => {
+                let tiles = tokens.div_ceil(PROJECT_TOKENS);
+                let chunks = (n * shape.width).div_ceil(PROJECT_CHUNK).max(1);
+                let target = PROJECT_BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1);
+                let splits = target.div_ceil(tiles).clamp(1, chunks);
+                let d_per_split = chunks.div_ceil(splits) * PROJECT_CHUNK;
                 (
-                    blocks(
-                        tokens,
-                        block / wave * fwd_tokens_per_wave(n),
-                        u32::MAX as usize,
-                    ),
-                    1,
-                ),
-                0,
-            ),
+                    (tiles as u32, chunks.div_ceil(d_per_split / PROJECT_CHUNK) as u32),
+                    d_per_split,
+                )
+            }
             Grid::ThreadPerToken => ((blocks(tokens, block, u32::MAX as usize), 1), 0),
             Grid::Chunks => (
                 (
@@ -284,7 +294,7 @@ impl KernelSpec {
         Geometry {
             grid,
             block: block as u32,
-            tokens_per_split,
+            split_len,
         }
     }
 }
@@ -308,24 +318,44 @@ pub const COEFFS_STATIC: KernelSpec = KernelSpec {
     grid: Grid::ThreadPerToken,
 };
 
-/// Dynamic coefficients: projection, rms, activations, Sinkhorn; ext [T, 2k+1].
-/// Block: 256 threads (FwdTile::THREADS); tokens per block = waves * `fwd_tokens_per_wave(n)`.
-pub const COEFFS_FWD: KernelSpec = KernelSpec {
+/// Dynamic coefficients, step 1: per (tile of tokens, slice of D) the partial projection and
+/// sum of squares, partial [slices, T, k + 1] = [P | sum x^2] (`Grid::ProjectTiles`; tensor
+/// cores for bf16 on NVIDIA).
+pub const COEFFS_PROJECT: KernelSpec = KernelSpec {
     module: Module::Coeffs,
-    stem: "mhc_coeffs_fwd",
+    stem: "mhc_coeffs_project",
     per_dtype: true,
     per_streams: true,
     args: &[
         In("x", Storage),
         In("phi", F32),
+        Out("partial", F32),
+        I64("tokens"),
+        I64("D"),
+        I64("d_per_split"),
+    ],
+    block: Block::Fixed(128),
+    grid: Grid::ProjectTiles,
+};
+
+/// Dynamic coefficients, step 2: per token, the slices added, rms, scale/bias, activations,
+/// Sinkhorn; ext [T, 2k+1]. `splits` is the project launch's grid y.
+pub const COEFFS_FINISH: KernelSpec = KernelSpec {
+    module: Module::Coeffs,
+    stem: "mhc_coeffs_finish",
+    per_dtype: false,
+    per_streams: true,
+    args: &[
+        In("partial", F32),
         In("alpha_b", F32),
         Out("ext", F32),
         I64("tokens"),
         I64("D"),
+        I32("splits"),
         I32("iters"),
     ],
-    block: Block::Fixed(256),
-    grid: Grid::TokenTiles,
+    block: Block::Fixed(128),
+    grid: Grid::ThreadPerToken,
 };
 
 /// Coefficient backward, per token (one thread each): dp [T, bwd_row_len(n)], Sinkhorn scratch
@@ -535,9 +565,10 @@ pub const RMS_NORM_BWD: KernelSpec = KernelSpec {
 pub const NEW_KERNELS: [KernelSpec; 4] = [RMS_NORM_FWD, RMS_NORM_BWD, COEFFS_BWD_X_SUM, PRE_BWD_DH];
 
 /// Every mHC kernel family, for checks that walk them all.
-pub const KERNELS: [KernelSpec; 8] = [
+pub const KERNELS: [KernelSpec; 9] = [
     COEFFS_STATIC,
-    COEFFS_FWD,
+    COEFFS_PROJECT,
+    COEFFS_FINISH,
     COEFFS_BWD_TOKEN,
     COEFFS_BWD_X,
     PRE_FWD,
@@ -545,13 +576,6 @@ pub const KERNELS: [KernelSpec; 8] = [
     POST_FWD,
     POST_BWD,
 ];
-
-/// Tokens each wave of `mhc_coeffs_fwd` owns (mirrors `FwdTile::TOKW` in mhc_coeffs.cu): as many
-/// as keep TOKW x k partial sums near 96 registers, at most 8.
-pub fn fwd_tokens_per_wave(streams: usize) -> usize {
-    let k = streams * streams + 2 * streams;
-    (96 / k).clamp(1, 8)
-}
 
 /// Row length of the per-token backward scratch dp (mirrors `BwdRow::KPAD`): k + 1, rounded up
 /// to a multiple of 4.

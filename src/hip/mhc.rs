@@ -3,14 +3,15 @@
 //! launches only. Kernels, argument lists and launch geometry all come from the table in
 //! `crate::gpu` (`KernelSpec::args`, `KernelSpec::geometry` with this device's wave size).
 //!
-//! Launches per op: coeffs forward 1 (dynamic or static); coeffs backward 1 (static) or 2
+//! Launches per op: coeffs forward 2 (dynamic: projection over slices of D, then the per-token
+//! finish, through a temporary partial buffer) or 1 (static); coeffs backward 1 (static) or 2
 //! (dynamic), plus the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
 //! Layouts as in .notes/OPS.md: x [T, n, C], h [T, k], ext and d_ext [T, 2k + 1], phi [nC, k],
 //! alpha_b [3 + k].
 
 use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
 use crate::gpu::{
-    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FWD, COEFFS_STATIC, POST_BWD,
+    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD,
     POST_FWD, PRE_BWD, PRE_FWD,
 };
 use crate::mhc::MhcShape;
@@ -57,16 +58,28 @@ pub fn coeffs_forward<T: DeviceElem>(
     }
     let (tokens_i, iters) = (tokens as i64, shape.sinkhorn_iters as i32);
     if shape.dynamic {
+        let project = COEFFS_PROJECT.geometry(&dev.limits, shape, T::DTYPE, tokens);
+        let (splits, d_per_split) = (project.grid.1 as usize, project.split_len as i64);
+        let mut partial = dev.alloc_out::<f32>(splits * tokens * (k + 1))?;
         let args = [
             x.arg(),
             phi.arg(),
+            partial.arg_mut(),
+            KernelArg::I64(tokens_i),
+            KernelArg::I64(d as i64),
+            KernelArg::I64(d_per_split),
+        ];
+        dev.launch(&COEFFS_PROJECT, T::DTYPE, shape.streams, &project, &args)?;
+        let args = [
+            partial.arg(),
             alpha_b.arg(),
             ext.arg_mut(),
             KernelArg::I64(tokens_i),
             KernelArg::I64(d as i64),
+            KernelArg::I32(splits as i32),
             KernelArg::I32(iters),
         ];
-        launch(dev, &COEFFS_FWD, shape, T::DTYPE, tokens, &args)
+        launch(dev, &COEFFS_FINISH, shape, T::DTYPE, tokens, &args)
     } else {
         let args = [
             alpha_b.arg(),
@@ -176,6 +189,7 @@ pub fn coeffs_backward<T: DeviceElem>(
     grads.dphi.zero()?;
     if tokens > 0 && d > 0 {
         let geometry = COEFFS_BWD_X.geometry(&dev.limits, shape, T::DTYPE, tokens);
+        let tokens_per_split = geometry.split_len as i64;
         let args = [
             x.arg(),
             phi.arg(),
@@ -184,7 +198,7 @@ pub fn coeffs_backward<T: DeviceElem>(
             grads.dphi.arg_mut(),
             KernelArg::I64(tokens_i),
             KernelArg::I64(d_i),
-            KernelArg::I64(geometry.tokens_per_split as i64),
+            KernelArg::I64(tokens_per_split),
         ];
         dev.launch(&COEFFS_BWD_X, T::DTYPE, n, &geometry, &args)?;
     }

@@ -186,8 +186,22 @@ impl CustomOp3 for ChainedCoeffsOp {
             )?;
             return Ok((Some(dx), Some(dphi), Some(dalpha_b)));
         }
-        // CPU, and static mode (no pass over x to fuse into): add the contributions in f32
-        // (f64 for f64 storage) and round once.
+        // Static mode on CUDA (no pass over x to fuse into): pre's dx from its kernel and one
+        // add in the storage dtype, as autograd adds the gradients of the unchained ops.
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (_, _, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
+            let dx_pre = match state.pre {
+                Some((du, h)) => Some(pre_backward(shape, x, &h, &du)?.0),
+                None => None,
+            };
+            let dx = match (state.dx_post, dx_pre) {
+                (Some(post), Some(pre)) => Some((post + pre)?),
+                (post, pre) => post.or(pre),
+            };
+            return Ok((dx, None, Some(dalpha_b)));
+        }
+        // CPU: add the contributions in f32 (f64 for f64 storage) and round once.
         let (dx, dphi, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
         let acc = if x.dtype() == DType::F64 {
             DType::F64
