@@ -254,7 +254,10 @@ impl KernelSpec {
                 let splits = target.div_ceil(tiles).clamp(1, chunks);
                 let d_per_split = chunks.div_ceil(splits) * PROJECT_CHUNK;
                 (
-                    (tiles as u32, chunks.div_ceil(d_per_split / PROJECT_CHUNK) as u32),
+                    (
+                        tiles as u32,
+                        chunks.div_ceil(d_per_split / PROJECT_CHUNK) as u32,
+                    ),
                     d_per_split,
                 )
             }

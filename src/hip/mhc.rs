@@ -11,8 +11,8 @@
 
 use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
 use crate::gpu::{
-    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD,
-    POST_FWD, PRE_BWD, PRE_FWD,
+    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT,
+    COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use anyhow::{bail, Result};
