@@ -9,6 +9,7 @@
 //   do not pass through registers (cp.async via <cuda_pipeline.h> on NVIDIA), committed in groups;
 //   wait<N> returns once at most N of this thread's groups are in flight. On HIP the copy is a
 //   plain load and store (done at once; the waits are no-ops).
+// - MHC_NVIDIA: 1 under nvcc, 0 under HIP (for tuning hints that only mean something on one).
 // - MHC_TENSOR_CORES: 1 where the bf16 WMMA API (<mma.h>, sm_80+) is available (nvcc), 0 on HIP,
 //   whose kernels take the FFMA path instead (same results within the spec's bounds).
 #pragma once
@@ -20,6 +21,7 @@
 
 typedef hip_bfloat16 mhc_bf16;
 #define MHC_WAVE 64
+#define MHC_NVIDIA 0
 #define MHC_TENSOR_CORES 0
 
 __device__ __forceinline__ float mhc_bf16_to_f32(mhc_bf16 v) { return static_cast<float>(v); }
@@ -40,6 +42,7 @@ template <int N> __device__ __forceinline__ void mhc_copy_wait() {}
 
 typedef __nv_bfloat16 mhc_bf16;
 #define MHC_WAVE 32
+#define MHC_NVIDIA 1
 #define MHC_TENSOR_CORES 1
 
 __device__ __forceinline__ float mhc_bf16_to_f32(mhc_bf16 v) { return __bfloat162float(v); }

@@ -197,9 +197,10 @@ constexpr int PROJ_ROW_COPIES = 8;
 constexpr int PROJ_COPIES = PROJ_TOKENS * PROJ_ROW_COPIES / PROJ_THREADS;
 constexpr int PROJ_ROW_STEP = PROJ_THREADS / PROJ_ROW_COPIES;
 static_assert(PROJ_TOKENS * PROJ_ROW_COPIES % PROJ_THREADS == 0, "whole copies per thread");
-// Resident blocks per multiprocessor the register budget is set for: five (96 registers) for
-// n <= 4, where that costs no spills; fewer for the wider n = 5..8 accumulators.
-constexpr int proj_min_blocks(int n) { return n <= 4 ? 5 : 2; }
+// Resident blocks per multiprocessor the register budget is set for on NVIDIA: five (96
+// registers) for n <= 4, where that costs no spills; fewer for the wider n = 5..8 accumulators.
+// AMD's clang reads the hint as waves per EU and warns when unmet: no hint there.
+constexpr int proj_min_blocks(int n) { return MHC_NVIDIA ? (n <= 4 ? 5 : 2) : 1; }
 
 template <typename T> struct ProjStep {
     static constexpr int VEC = 16 / (int)sizeof(T);          // elements per copy

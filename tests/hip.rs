@@ -208,7 +208,12 @@ mod with_hip {
                 .find_map(|l| l.strip_prefix("    .name:").map(|v| v.trim().to_string()))
                 .expect("kernel metadata has a .name");
             let mut args = Vec::new();
-            for arg in kernel.split("\n      - ").skip(1) {
+            // The `.args:` list only: it ends at the kernel's next field (4 spaces in); other
+            // list fields (`.language_version:`) share the item indentation.
+            let args_text = kernel
+                .split_once("\n    .args:")
+                .map_or("", |(_, rest)| rest.split("\n    .").next().unwrap());
+            for arg in args_text.split("\n      - ").skip(1) {
                 let arg = arg.split("\n    .").next().unwrap();
                 let kind = field(".value_kind:", arg).unwrap();
                 if kind.starts_with("hidden_") {
