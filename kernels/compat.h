@@ -5,7 +5,8 @@
 //   mhc_f32_to_bf16 (round to nearest even on both).
 // - MHC_WAVE: lanes per warp/wave (32 on NVIDIA, 64 on AMD). Kernels size everything by it.
 // - mhc_shfl_xor: butterfly shuffle over the whole warp/wave (HIP 5.2 has no *_sync shuffles).
-// - mhc_copy16_async / mhc_copy_commit / mhc_copy_wait<N>: 16-byte global-to-shared copies that
+// - mhc_copy16_async, mhc_copy4_async / mhc_copy_commit / mhc_copy_wait<N>: 16- and 4-byte
+//   global-to-shared copies that
 //   do not pass through registers (cp.async via <cuda_pipeline.h> on NVIDIA), committed in groups;
 //   wait<N> returns once at most N of this thread's groups are in flight. On HIP the copy is a
 //   plain load and store (done at once; the waits are no-ops).
@@ -31,6 +32,9 @@ __device__ __forceinline__ float mhc_shfl_xor(float v, int lane_mask) { return _
 __device__ __forceinline__ void mhc_copy16_async(void* dst_shared, const void* src, bool valid) {
     *reinterpret_cast<uint4*>(dst_shared) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
 }
+__device__ __forceinline__ void mhc_copy4_async(void* dst_shared, const void* src, bool valid) {
+    *reinterpret_cast<float*>(dst_shared) = valid ? *reinterpret_cast<const float*>(src) : 0.0f;
+}
 __device__ __forceinline__ void mhc_copy_commit() {}
 template <int N> __device__ __forceinline__ void mhc_copy_wait() {}
 
@@ -54,6 +58,9 @@ __device__ __forceinline__ float mhc_shfl_xor(float v, int lane_mask) {
 // `valid` false writes zeros (src is not read: all 16 bytes are zero-filled).
 __device__ __forceinline__ void mhc_copy16_async(void* dst_shared, const void* src, bool valid) {
     __pipeline_memcpy_async(dst_shared, src, 16, valid ? 0 : 16);
+}
+__device__ __forceinline__ void mhc_copy4_async(void* dst_shared, const void* src, bool valid) {
+    __pipeline_memcpy_async(dst_shared, src, 4, valid ? 0 : 4);
 }
 __device__ __forceinline__ void mhc_copy_commit() { __pipeline_commit(); }
 template <int N> __device__ __forceinline__ void mhc_copy_wait() { __pipeline_wait_prior(N); }

@@ -551,123 +551,154 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
 // Backward through the projection, both products of one pass over x:
 //   dx[t, e] = sum_c phi[e, c] dP[t, c] + coef[t] x[t, e]     (written once)
 //   dphi[e, c] += sum_t x[t, e] dP[t, c]                        (atomically added; caller zeroes)
-// Grid: x over the reduction axis D (each thread owns EPT elements and their k phi values and k
-// dphi sums in registers), y over token ranges of `tokens_per_split`. dp rows of the block's
-// tokens pass through shared memory TOKC at a time and are read as broadcasts.
+// Grid: x over the reduction axis D (BwdStep::COLS columns per block, one per thread: its k phi
+// values and k dphi sums live in registers), y over token ranges of `tokens_per_split`.
 //
 // SUM (the chained sublayer backward, .notes/OPS.md): dx also takes the other two contributions
 // of the sublayer, read in the same pass, so the sublayer's dx is written once:
 //   dx[t, j*C + c] += dx_post[t, j*C + c] + H_pre[t, j] * du[t, c]      (H_pre = h[t, 0..n))
+//
+// Data movement: per chunk of TOKC tokens, the block's columns of x (and of dx_post and du), the
+// chunk's dp rows and H_pre values go global -> shared by async copies, BWD_X_STAGES - 1 chunks
+// ahead; each thread then walks the chunk's tokens for its column. (Prefetching a few tokens
+// through registers, 2 bytes per thread and tensor, kept too few bytes in flight: ~20% of copy
+// bandwidth on an H100.) Shapes the 16-byte copies cannot take (D or C not a multiple of the
+// vector, offset views, a block slice that straddles two streams of du) are staged element by
+// element, at once.
+template <typename T> struct BwdStep {
+    static constexpr int COLS = 256;  // = the launch's block (Block::Fixed(256))
+    static constexpr int VEC = 16 / (int)sizeof(T);
+    static constexpr int TOKC = 4096 / (COLS * (int)sizeof(T));  // 4 KB per tensor per chunk
+    static constexpr int ROW_COPIES = COLS / VEC;
+    static_assert(TOKC * ROW_COPIES == COLS, "one 16-byte copy per thread per tensor per chunk");
+};
+constexpr int BWD_X_STAGES = 3;
+// Resident blocks per multiprocessor the register budget is set for on NVIDIA (as
+// proj_min_blocks): three (80 registers, no spills) for n <= 4; no hint for wider n or on AMD.
+constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
+
 template <typename T, int N, bool SUM>
 __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restrict__ phi,
                                   const float* __restrict__ dp, const T* __restrict__ dx_post,
                                   const T* __restrict__ du, const float* __restrict__ h, T* __restrict__ dx,
                                   float* __restrict__ dphi, long long tokens, long long D, long long C,
                                   long long tokens_per_split) {
+    using S = BwdStep<T>;
     constexpr int K = N * N + 2 * N;
     constexpr int KPAD = BwdRow<N>::KPAD;
-    // One element per thread: phi and dphi rows take 2k registers (80 in all at n = 4), so three
-    // blocks share a multiprocessor (two elements: 152 registers, one block, 12% occupancy).
-    constexpr int EPT = 1;
-    constexpr int TOKC = 32;
-    constexpr int TG = 4;  // tokens whose x loads are in flight together
-    __shared__ __align__(16) float s_dp[TOKC * KPAD];
-    long long e[EPT], col[EPT];
-    int stream[EPT];
-    bool ok[EPT];
-    float ph[EPT][K], acc[EPT][K];
+    constexpr int COLS = S::COLS, TOKC = S::TOKC, VEC = S::VEC;
+    constexpr int SUM_STAGES = SUM ? BWD_X_STAGES : 1;
+    __shared__ __align__(16) T s_x[BWD_X_STAGES][TOKC * COLS];
+    __shared__ __align__(16) T s_post[SUM_STAGES][SUM ? TOKC * COLS : VEC];
+    __shared__ __align__(16) T s_du[SUM_STAGES][SUM ? TOKC * COLS : VEC];
+    __shared__ __align__(16) float s_dp[BWD_X_STAGES][TOKC * KPAD];
+    __shared__ float s_hpre[SUM_STAGES][SUM ? TOKC * N : 1];
+    static_assert(TOKC * KPAD / 4 <= COLS && TOKC * N <= COLS, "one dp/H_pre copy per thread");
+
+    const long long e_base = blockIdx.x * (long long)COLS;
+    const long long e = e_base + threadIdx.x;
+    const bool ok = e < D;
+    const int stream = SUM && ok ? (int)(e / C) : 0;
+    float ph[K], acc[K];
 #pragma unroll
-    for (int q = 0; q < EPT; ++q) {
-        e[q] = (blockIdx.x * (long long)EPT + q) * blockDim.x + threadIdx.x;
-        ok[q] = e[q] < D;
-        if (SUM) {
-            stream[q] = ok[q] ? (int)(e[q] / C) : 0;
-            col[q] = ok[q] ? e[q] % C : 0;
-        }
-#pragma unroll
-        for (int c = 0; c < K; ++c) {
-            ph[q][c] = ok[q] ? phi[e[q] * K + c] : 0.0f;
-            acc[q][c] = 0.0f;
-        }
+    for (int c = 0; c < K; ++c) {
+        ph[c] = ok ? phi[e * K + c] : 0.0f;
+        acc[c] = 0.0f;
     }
     const long long t_begin = blockIdx.y * tokens_per_split;
     const long long t_end = t_begin + tokens_per_split < tokens ? t_begin + tokens_per_split : tokens;
-    for (long long tc = t_begin; tc < t_end; tc += TOKC) {
+    const int chunks = t_begin < t_end ? (int)((t_end - t_begin + TOKC - 1) / TOKC) : 0;
+    const bool vec_x = pack_ok<T, VEC>(x, D) && (!SUM || pack_ok<T, VEC>(dx_post, D));
+    // du's columns of this block are one contiguous run when the slice lies in one stream.
+    const bool vec_du = SUM && pack_ok<T, VEC>(du, C) && e_base % C + COLS <= C && e_base + COLS <= D;
+
+    // The thread's copies: row r of the chunk, columns c0 .. c0 + VEC of the block's slice.
+    const int r = threadIdx.x / S::ROW_COPIES, c0 = (threadIdx.x % S::ROW_COPIES) * VEC;
+    auto stage_tensor = [&](T* dst, const T* src, long long t, bool t_ok, bool vec) {
+        const long long ev = e_base + c0;
+        if (vec) {
+            mhc_copy16_async(dst, t_ok && ev < D ? src + t * D + ev : src, t_ok && ev < D);
+        } else {
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) dst[q] = t_ok && ev + q < D ? src[t * D + ev + q] : from_f32<T>(0.0f);
+        }
+    };
+    auto issue = [&](int chunk) {
+        const int st = chunk % BWD_X_STAGES;
+        const long long tc = t_begin + (long long)chunk * TOKC;
+        const long long t = tc + r;
+        const bool t_ok = t < t_end;
+        stage_tensor(&s_x[st][r * COLS + c0], x, t, t_ok, vec_x);
+        if (SUM) {
+            stage_tensor(&s_post[st][r * COLS + c0], dx_post, t, t_ok, vec_x);
+            T* dst = &s_du[st][r * COLS + c0];
+            if (vec_du) {
+                mhc_copy16_async(dst, t_ok ? du + t * C + e_base % C + c0 : du, t_ok);
+            } else {
+#pragma unroll
+                for (int q = 0; q < VEC; ++q) {
+                    const long long ev = e_base + c0 + q;
+                    dst[q] = t_ok && ev < D ? du[t * C + ev % C] : from_f32<T>(0.0f);
+                }
+            }
+            if (threadIdx.x < TOKC * N) {
+                const int row = threadIdx.x / N, j = threadIdx.x % N;
+                const bool row_ok = tc + row < t_end;
+                mhc_copy4_async(&s_hpre[st][threadIdx.x], row_ok ? h + (tc + row) * K + j : h, row_ok);
+            }
+        }
+        if (threadIdx.x < TOKC * KPAD / 4) {
+            const int row = threadIdx.x / (KPAD / 4), part = threadIdx.x % (KPAD / 4);
+            const bool row_ok = tc + row < t_end;
+            mhc_copy16_async(&s_dp[st][row * KPAD + part * 4], row_ok ? dp + (tc + row) * KPAD + part * 4 : dp,
+                             row_ok);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < BWD_X_STAGES - 1; ++s) {
+        if (s < chunks) issue(s);
+        mhc_copy_commit();
+    }
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        mhc_copy_wait<BWD_X_STAGES - 2>();  // this thread's copies of this chunk have landed
+        __syncthreads();  // everyone's have; everyone is done with the stage refilled below
+        if (chunk + BWD_X_STAGES - 1 < chunks) issue(chunk + BWD_X_STAGES - 1);
+        mhc_copy_commit();
+        const int st = chunk % BWD_X_STAGES;
+        const long long tc = t_begin + (long long)chunk * TOKC;
         const int nt = t_end - tc < TOKC ? (int)(t_end - tc) : TOKC;
-        __syncthreads();  // the previous slice of dp is consumed
-        for (int idx = threadIdx.x; idx < nt * KPAD; idx += blockDim.x) s_dp[idx] = dp[tc * KPAD + idx];
-        __syncthreads();
-        // x of TG tokens is loaded at once, the next group while this one is multiplied.
-        // Raw storage values (converted at use, not at load: see coeffs_forward); addresses of
-        // elements past D or tokens past the slice are clamped in bounds and count as zero.
-        T xn[TG][EPT], pn[TG][EPT], un[TG][EPT];
-        float hn[TG][EPT];
-        auto fetch_x = [&](int tt0) {
 #pragma unroll
-            for (int g = 0; g < TG; ++g) {
-                const long long t = tc + (tt0 + g < nt ? tt0 + g : nt - 1);
+        for (int g = 0; g < TOKC; ++g) {
+            if (g >= nt) break;  // past this range's tokens
+            const float xv = to_f32(s_x[st][g * COLS + threadIdx.x]);
+            float out = SUM ? to_f32(s_post[st][g * COLS + threadIdx.x]) +
+                                  s_hpre[st][g * N + stream] * to_f32(s_du[st][g * COLS + threadIdx.x])
+                            : 0.0f;
+            // dp row of the token, four columns per shared-memory read (broadcast).
+            const float4* d4 = reinterpret_cast<const float4*>(&s_dp[st][g * KPAD]);
 #pragma unroll
-                for (int q = 0; q < EPT; ++q) {
-                    const long long el = ok[q] ? e[q] : D - 1;
-                    xn[g][q] = x[t * D + el];
-                    if (SUM) {
-                        pn[g][q] = dx_post[t * D + el];
-                        un[g][q] = du[t * C + col[q]];
-                        hn[g][q] = h[t * (N * N + 2 * N) + stream[q]];
+            for (int c4 = 0; c4 < KPAD / 4; ++c4) {
+                const float4 v = d4[c4];
+                const float dv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int c = 4 * c4 + u;
+                    if (c < K) {
+                        out += ph[c] * dv[u];
+                        acc[c] += xv * dv[u];
+                    } else if (c == K) {  // coef: dxbar += coef * xbar
+                        out += dv[u] * xv;
                     }
                 }
             }
-        };
-        fetch_x(0);
-        for (int tt0 = 0; tt0 < nt; tt0 += TG) {
-            float xv[TG][EPT], base[TG][EPT];
-#pragma unroll
-            for (int g = 0; g < TG; ++g)
-#pragma unroll
-                for (int q = 0; q < EPT; ++q) {
-                    xv[g][q] = ok[q] ? to_f32(xn[g][q]) : 0.0f;
-                    base[g][q] = SUM ? to_f32(pn[g][q]) + hn[g][q] * to_f32(un[g][q]) : 0.0f;
-                }
-            if (tt0 + TG < nt) fetch_x(tt0 + TG);
-#pragma unroll
-            for (int g = 0; g < TG; ++g) {
-                if (tt0 + g >= nt) break;  // past this slice's tokens
-                // dp row of the token, four columns per shared-memory read (broadcast).
-                const float4* d4 = reinterpret_cast<const float4*>(s_dp + (tt0 + g) * KPAD);
-                float out[EPT];
-#pragma unroll
-                for (int q = 0; q < EPT; ++q) out[q] = base[g][q];
-#pragma unroll
-                for (int c4 = 0; c4 < KPAD / 4; ++c4) {
-                    const float4 v = d4[c4];
-                    const float dv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                    for (int u = 0; u < 4; ++u) {
-                        const int c = 4 * c4 + u;
-                        if (c < K) {
-#pragma unroll
-                            for (int q = 0; q < EPT; ++q) {
-                                out[q] += ph[q][c] * dv[u];
-                                acc[q][c] += xv[g][q] * dv[u];
-                            }
-                        } else if (c == K) {  // coef: dxbar += coef * xbar
-#pragma unroll
-                            for (int q = 0; q < EPT; ++q) out[q] += dv[u] * xv[g][q];
-                        }
-                    }
-                }
-#pragma unroll
-                for (int q = 0; q < EPT; ++q)
-                    if (ok[q]) dx[(tc + tt0 + g) * D + e[q]] = from_f32<T>(out[q]);
-            }
+            if (ok) dx[(tc + g) * D + e] = from_f32<T>(out);
         }
     }
+    mhc_copy_wait<0>();
+    if (ok && chunks > 0) {
 #pragma unroll
-    for (int q = 0; q < EPT; ++q)
-        if (ok[q] && t_begin < t_end) {
-#pragma unroll
-            for (int c = 0; c < K; ++c) atomicAdd(&dphi[e[q] * K + c], acc[q][c]);
-        }
+        for (int c = 0; c < K; ++c) atomicAdd(&dphi[e * K + c], acc[c]);
+    }
 }
 
 }  // namespace
@@ -690,62 +721,62 @@ extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2
 extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_bf16_n2(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_bf16_n3(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_bf16_n4(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_bf16_n5(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_bf16_n6(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_bf16_n7(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_bf16_n8(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }

@@ -73,9 +73,12 @@ enum Command {
     /// Fused GPU kernels against the candle-ops reference on fresh random inputs (every shape,
     /// dtype and gradient of the spec's test matrix); non-zero exit if any case fails.
     Selftest {
-        /// cuda or cuda:N.
+        /// cuda, cuda:N or hip.
         #[arg(long, default_value = "cuda")]
         device: String,
+        /// Seed of the random inputs, to repeat a run (each run prints its seed; default: fresh).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Benchmarks (CUDA): the mHC sublayer tables (fused vs reference, the seed report's sizes and
     /// training sizes, GB/s vs the bytes floor); --train times training steps (plain vs mHC
@@ -200,7 +203,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Bench(args)) => bench(args),
-        Some(Command::Selftest { device }) => selftest(&device),
+        Some(Command::Selftest { device, seed }) => selftest(&device, seed),
         Some(Command::MhcApply {
             input,
             output,
@@ -351,9 +354,9 @@ fn on_hip<T>(device: &str, run: impl FnOnce() -> Result<T>) -> Option<Result<T>>
     }
 }
 
-fn selftest(device: &str) -> Result<()> {
+fn selftest(device: &str, seed: Option<u64>) -> Result<()> {
     #[cfg(feature = "hip")]
-    let hip = mhc_train::hip::selftest;
+    let hip = || mhc_train::hip::selftest(seed);
     #[cfg(not(feature = "hip"))]
     let hip = || Ok(());
     if let Some(result) = on_hip(device, hip) {
@@ -362,9 +365,10 @@ fn selftest(device: &str) -> Result<()> {
     let config = Config::from_toml_str("", &[format!("device={device:?}")])?;
     let device = mhc_train::train::trainer::device_for(&config)?;
     #[cfg(feature = "cuda")]
-    return mhc_train::gpu::selftest::selftest(&device);
+    return mhc_train::gpu::selftest::selftest(&device, seed);
     #[cfg(not(feature = "cuda"))]
     anyhow::bail!(
-        "selftest needs a GPU build (--features cuda); this binary has none (device {device:?})"
+        "selftest needs a GPU build (--features cuda); this binary has none (device {device:?}, \
+         seed {seed:?})"
     )
 }

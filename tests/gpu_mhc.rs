@@ -8,7 +8,7 @@ use candle_core::Device;
 #[test]
 fn fused_kernels_match_the_reference_on_the_gpu() -> anyhow::Result<()> {
     let device = Device::new_cuda(0)?;
-    mhc_train::gpu::selftest::selftest(&device)
+    mhc_train::gpu::selftest::selftest(&device, None)
 }
 
 /// The fused-vs-reference timing table (src/gpu/bench.rs). Minutes of GPU time, so ignored by

@@ -265,7 +265,9 @@ pub fn bench_mhc(
 
 /// Per-kernel table: each fused op alone (forward, and its backward launch layer), dynamic mode,
 /// with the bytes it must move (X = T*n*C, U = T*C elements): coeffs fwd X, bwd 2X (read x, write
-/// dx); pre fwd X + U, bwd 2X + U; post fwd 2X + U, bwd 3X + 2U.
+/// dx); pre fwd X + U, bwd 2X + U; post fwd 2X + U, bwd 3X + 2U; the chained sublayer's pieces:
+/// coeffs bwd summing dx 3X + U (read x, dx_post, du, write dx), pre bwd dh only X + U; F =
+/// RMSNorm fwd 2U, bwd 3U.
 pub fn bench_ops(
     device: &Device,
     tokens: usize,
@@ -300,8 +302,9 @@ pub fn bench_ops(
             (tokens * streams * width) as f64 * elem,
             (tokens * width) as f64 * elem,
         );
+        let gamma = layer.gamma.as_tensor();
         type Step<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
-        let steps: [(&str, f64, Step); 6] = [
+        let steps: [(&str, f64, Step); 10] = [
             (
                 "coeffs fwd",
                 xb,
@@ -347,6 +350,40 @@ pub fn bench_ops(
                 3.0 * xb + 2.0 * ub,
                 Box::new(|| {
                     super::mhc::post_backward(&shape, &x, &h, &y, &g)?;
+                    Ok(())
+                }),
+            ),
+            (
+                "coeffs bwd, dx summed (chained)",
+                3.0 * xb + ub,
+                Box::new(|| {
+                    super::chain::coeffs_backward_sum(
+                        &shape, &x, &phi, &alpha_b, &ext, &d_ext, &g, &y, &h,
+                    )?;
+                    Ok(())
+                }),
+            ),
+            (
+                "pre bwd, dh only (chained)",
+                xb + ub,
+                Box::new(|| {
+                    super::chain::pre_backward_dh(&shape, &x, &h, &y)?;
+                    Ok(())
+                }),
+            ),
+            (
+                "rmsnorm fwd (F)",
+                2.0 * ub,
+                Box::new(|| {
+                    rms_norm(&y, gamma)?;
+                    Ok(())
+                }),
+            ),
+            (
+                "rmsnorm bwd (F)",
+                3.0 * ub,
+                Box::new(|| {
+                    super::rms_norm::backward(RMS_NORM_EPS, &y, gamma, &y)?;
                     Ok(())
                 }),
             ),

@@ -8,6 +8,22 @@ use rand_distr::{Distribution, Normal};
 pub const TOL_F32: f64 = 1e-5;
 pub const TOL_BF16: f64 = 1e-2;
 
+/// A selftest run's seed: the one given (to repeat a run), else the clock's nanoseconds (fresh
+/// inputs every run; the run prints it).
+pub fn run_seed(given: Option<u64>) -> u64 {
+    given.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// The input seed of case `index` of a run.
+pub fn case_seed(run_seed: u64, index: usize) -> u64 {
+    run_seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
     pub dtype: DType,

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::cases::{cases, normal, Case, TOL_BF16, TOL_F32};
+use super::cases::{case_seed, cases, normal, run_seed, Case, TOL_BF16, TOL_F32};
 
 /// One case's inputs on the CPU: x, y in the storage dtype; parameters and loss weights f32.
 struct Inputs {
@@ -278,9 +278,9 @@ fn check_rms_norm(
         .collect()
 }
 
-/// Runs every case on `device` (a CUDA device), printing one line per case and a final
-/// "N passed, M failed" line; an error if any case fails.
-pub fn selftest(device: &Device) -> anyhow::Result<()> {
+/// Runs every case on `device` (a CUDA device; inputs from `seed`, else a fresh one), printing
+/// one line per case and a final "N passed, M failed" line; an error if any case fails.
+pub fn selftest(device: &Device, seed: Option<u64>) -> anyhow::Result<()> {
     if !device.is_cuda() {
         bail!(
             "gpu selftest: needs a CUDA device, got {:?}",
@@ -288,14 +288,11 @@ pub fn selftest(device: &Device) -> anyhow::Result<()> {
         )
     }
     set_poison_outputs(true);
-    let run_seed: u64 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let run_seed = run_seed(seed);
     println!("gpu selftest: fused kernels vs f64 reference, seed {run_seed}");
     let (mut passed, mut failed) = (0, 0);
     for (i, case) in cases().iter().enumerate() {
-        let seed = run_seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let seed = case_seed(run_seed, i);
         let tol = if case.dtype == DType::F32 {
             TOL_F32
         } else {

@@ -21,9 +21,10 @@ use anyhow::Result;
 use std::path::Path;
 
 /// `mhc-train selftest --device hip`: the fused kernels on AMD GPU 0 against the f64 reference
-/// (the CUDA selftest's cases and bounds). Fails with one clear error when no AMD GPU is found.
-pub fn selftest() -> Result<()> {
-    selftest::selftest()
+/// (the CUDA selftest's cases and bounds; `seed` repeats a run's inputs). Fails with one clear
+/// error when no AMD GPU is found.
+pub fn selftest(seed: Option<u64>) -> Result<()> {
+    selftest::selftest(seed)
 }
 
 /// `mhc-train mhc-apply --device hip`: one sublayer (F = RMSNorm) forward and, given `dout`,

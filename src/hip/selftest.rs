@@ -14,7 +14,7 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::gpu::cases::{cases, normal, Case, TOL_BF16, TOL_F32};
+use crate::gpu::cases::{case_seed, cases, normal, run_seed, Case, TOL_BF16, TOL_F32};
 
 /// One case's inputs, x and y already rounded to the storage dtype (kept as f32 values), so
 /// both sides see the same numbers.
@@ -233,22 +233,19 @@ fn check_case(dev: &Device, case: &Case, seed: u64) -> Result<Vec<(&'static str,
         .collect()
 }
 
-/// Runs every case on AMD GPU 0, one line per case and a closing "N passed, M failed" line; an
-/// error if any case fails or no AMD GPU is there.
-pub fn selftest() -> Result<()> {
+/// Runs every case on AMD GPU 0 (inputs from `seed`, else a fresh one), one line per case and a
+/// closing "N passed, M failed" line; an error if any case fails or no AMD GPU is there.
+pub fn selftest(seed: Option<u64>) -> Result<()> {
     let dev = Device::open(0)?;
     dev.set_poison_outputs(true);
-    let run_seed: u64 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let run_seed = run_seed(seed);
     println!(
         "hip selftest on {} ({}, {} CUs, wave {}): fused kernels vs f64 reference, seed {run_seed}",
         dev.name, dev.arch, dev.limits.multiprocessors, dev.limits.wave
     );
     let (mut passed, mut failed) = (0, 0);
     for (i, case) in cases().iter().enumerate() {
-        let seed = run_seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let seed = case_seed(run_seed, i);
         let tol = if case.dtype == DType::F32 {
             TOL_F32
         } else {
