@@ -69,12 +69,16 @@ __device__ __forceinline__ void rn_backward_chunk(const T* __restrict__ xr, cons
 
 // Backward: grid-stride over rows, a block per row at a time. Pass 1 sums x^2 and gamma*dy*x over
 // the row, pass 2 (L1 re-reads) writes dx and accumulates dgamma in registers; each block adds its
-// partial dgamma once at the end (dgamma must be zeroed before the launch).
+// sum to its own row of dgamma_partial [gridDim.x, C] (zeroed before the launch; the caller sums
+// the rows). Plain adds, no atomics: with every block adding into one [C] row, ~1000 blocks x C
+// atomics on the same C addresses took 138 us at 1024 x 2560 on an H100.
 template <typename T>
 __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restrict__ gamma,
-                                  const T* __restrict__ dy, T* __restrict__ dx, float* __restrict__ dgamma,
-                                  long long rows, long long C, long long eps_bits) {
+                                  const T* __restrict__ dy, T* __restrict__ dx,
+                                  float* __restrict__ dgamma_partial, long long rows, long long C,
+                                  long long eps_bits) {
     constexpr int V = 16 / (int)sizeof(T);
+    float* dgamma = dgamma_partial + blockIdx.x * C;  // this block's row
     __shared__ float scratch[(MAX_WAVES + 1) * 2];
     const float eps = rn_eps(eps_bits);
     const long long chunks = (C + V - 1) / V;
@@ -117,7 +121,7 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
             rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, part);
 #pragma unroll
             for (int q = 0; q < V; ++q)
-                if (cv * V + q < C) atomicAdd(dgamma + cv * V + q, part[q]);
+                if (cv * V + q < C) dgamma[cv * V + q] += part[q];
         }
     }
 #pragma unroll
@@ -126,7 +130,7 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
         if (cv < chunks) {
 #pragma unroll
             for (int q = 0; q < V; ++q)
-                if (cv * V + q < C) atomicAdd(dgamma + cv * V + q, acc[m][q]);
+                if (cv * V + q < C) dgamma[cv * V + q] += acc[m][q];
         }
     }
 }
@@ -134,8 +138,9 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
 // Exported kernels, one per storage dtype (no stream count: rows of C).
 #define RN_FWD_PARAMS(T) const T *x, const float *gamma, T *y, long long rows, long long C, long long eps_bits
 #define RN_BWD_PARAMS(T) \
-    const T *x, const float *gamma, const T *dy, T *dx, float *dgamma, long long rows, long long C, long long eps_bits
+    const T *x, const float *gamma, const T *dy, T *dx, float *dgamma_partial, long long rows, long long C, \
+        long long eps_bits
 extern "C" __global__ void rms_norm_fwd_f32(RN_FWD_PARAMS(float)) { rms_norm_forward<float>(x, gamma, y, rows, C, eps_bits); }
 extern "C" __global__ void rms_norm_fwd_bf16(RN_FWD_PARAMS(mhc_bf16)) { rms_norm_forward<mhc_bf16>(x, gamma, y, rows, C, eps_bits); }
-extern "C" __global__ void rms_norm_bwd_f32(RN_BWD_PARAMS(float)) { rms_norm_backward<float>(x, gamma, dy, dx, dgamma, rows, C, eps_bits); }
-extern "C" __global__ void rms_norm_bwd_bf16(RN_BWD_PARAMS(mhc_bf16)) { rms_norm_backward<mhc_bf16>(x, gamma, dy, dx, dgamma, rows, C, eps_bits); }
+extern "C" __global__ void rms_norm_bwd_f32(RN_BWD_PARAMS(float)) { rms_norm_backward<float>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }
+extern "C" __global__ void rms_norm_bwd_bf16(RN_BWD_PARAMS(mhc_bf16)) { rms_norm_backward<mhc_bf16>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }

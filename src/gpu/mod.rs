@@ -119,8 +119,8 @@ pub enum Grid {
     SplitD,
     /// Grid-stride over rows, one block per row at a time, at most
     /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor: each block sums its
-    /// rows' share of an `Accumulate` output in registers and adds it once at the end, so fewer
-    /// blocks mean fewer atomics.
+    /// rows' share of an `Accumulate` output in registers and adds it once at the end into its
+    /// own row of a [blocks, ..] partial output, which the caller sums.
     RowsAccumulate,
 }
 
@@ -541,7 +541,8 @@ pub const RMS_NORM_FWD: KernelSpec = KernelSpec {
     grid: Grid::BlockPerToken,
 };
 
-/// RMSNorm backward: dx [rows, C] written, dgamma [C] accumulated.
+/// RMSNorm backward: dx [rows, C] written; each block adds its dgamma sum into its row of
+/// dgamma_partial [blocks, C] (the caller zeroes it and sums the rows).
 pub const RMS_NORM_BWD: KernelSpec = KernelSpec {
     module: Module::RmsNorm,
     stem: "rms_norm_bwd",
@@ -552,7 +553,7 @@ pub const RMS_NORM_BWD: KernelSpec = KernelSpec {
         In("gamma", F32),
         In("dy", Storage),
         Out("dx", Storage),
-        Accumulate("dgamma", F32),
+        Accumulate("dgamma_partial", F32),
         I64("rows"),
         I64("C"),
         I64("eps_bits"),

@@ -1,5 +1,6 @@
 //! CUDA launches of the RMSNorm kernels (kernels/rms_norm.cu) for `crate::model::rms_norm`:
-//! one launch forward, one backward (plus the zeroing of the accumulated dgamma).
+//! one launch forward; backward one launch plus the zeroing of the per-block dgamma rows and
+//! their sum.
 
 use super::mhc::{alloc_out, cfg, function, limits, tensor, view, wrap, StorageElem};
 use super::{RMS_NORM_BWD, RMS_NORM_FWD};
@@ -101,10 +102,11 @@ fn backward_t<T: StorageElem>(
     };
     let dev = &x_s.device;
     let mut dx = alloc_out::<T>(dev, rows * c)?;
-    let mut dgamma = dev.alloc_zeros::<f32>(c)?;
+    let geometry = RMS_NORM_BWD.row_geometry(&limits(dev)?, x.dtype(), rows, c);
+    let blocks = geometry.grid.0 as usize;
+    let mut dgamma_partial = dev.alloc_zeros::<f32>(blocks * c)?;
     if rows > 0 && c > 0 {
         let func = function(dev, &RMS_NORM_BWD, x.dtype(), 0)?;
-        let geometry = RMS_NORM_BWD.row_geometry(&limits(dev)?, x.dtype(), rows, c);
         let x_v = view::<T>(op, "x", x_s, x_l)?;
         let gamma_v = view::<f32>(op, "gamma", gamma_s, gamma_l)?;
         let dy_v = view::<T>(op, "dy", dy_s, dy_l)?;
@@ -115,12 +117,11 @@ fn backward_t<T: StorageElem>(
             .arg(&gamma_v)
             .arg(&dy_v)
             .arg(&mut dx)
-            .arg(&mut dgamma);
+            .arg(&mut dgamma_partial);
         b.arg(&rows_i).arg(&c_i).arg(&eps_bits);
         unsafe { b.launch(cfg(&geometry)) }.w()?;
     }
-    Ok((
-        tensor(wrap(dev, dx), x.shape().clone()),
-        tensor(wrap(dev, dgamma), c),
-    ))
+    // The blocks' partial sums added in one reduction over the [blocks, C] rows.
+    let dgamma = tensor(wrap(dev, dgamma_partial), (blocks, c)).sum(0)?;
+    Ok((tensor(wrap(dev, dx), x.shape().clone()), dgamma))
 }
