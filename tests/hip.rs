@@ -327,7 +327,7 @@ mod with_hip {
                 println!("without an AMD GPU: {message}");
                 assert!(message.starts_with("no AMD GPU found"), "{message}");
                 for result in [
-                    mhc_train::hip::selftest().map(|_| String::new()),
+                    mhc_train::hip::selftest(None).map(|_| String::new()),
                     mhc_train::hip::bench(1),
                 ] {
                     let message = format!("{:#}", result.unwrap_err());
