@@ -453,36 +453,25 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
     }
 }
 
-// Per token (one warp/wave each): the lanes add the `splits` slices' partial rows column by
-// column (coalesced, several slices' loads in flight; the sum runs over slices in order, so the
-// result does not depend on the launch), then lane 0 takes P and sum x^2 from shared memory:
-// r = sqrt(mean(xbar^2) + eps_r), scale/bias, activations and Sinkhorn into ext. (With one thread
-// per token reading its slices one after another, T = 1024 ran on 8 multiprocessors.)
-constexpr int FINISH_THREADS = 128;
+// Per token: P and sum x^2 added over the `splits` slices of D, r = sqrt(mean(xbar^2) + eps_r),
+// then scale/bias, activations and Sinkhorn into ext. One thread per token.
 template <int N>
 __device__ void coeffs_finish(const float* __restrict__ partial, const float* __restrict__ alpha_b,
                               float* __restrict__ ext, long long tokens, long long D, int splits, int iters) {
     constexpr int K = N * N + 2 * N;
-    constexpr int WAVES = FINISH_THREADS / MHC_WAVE;
-    __shared__ float s_row[WAVES][K + 1];
-    const int wave = threadIdx.x / MHC_WAVE, lane = threadIdx.x % MHC_WAVE;
-    const long long t = blockIdx.x * (long long)WAVES + wave;
-    if (t < tokens) {
-        for (int c = lane; c <= K; c += MHC_WAVE) {
-            float sum = 0.0f;
-#pragma unroll 4
-            for (int s = 0; s < splits; ++s) sum += partial[(s * tokens + t) * (K + 1) + c];
-            s_row[wave][c] = sum;
-        }
-    }
-    __syncthreads();
-    if (t < tokens && lane == 0) {
-        float p[K];
+    const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (t >= tokens) return;
+    float p[K], sum_sq = 0.0f;
 #pragma unroll
-        for (int c = 0; c < K; ++c) p[c] = s_row[wave][c];
-        const float r = sqrtf(s_row[wave][K] / (float)D + EPS_RMS);
-        write_ext<N>(p, r, alpha_b, iters, ext + t * (2 * K + 1));
+    for (int c = 0; c < K; ++c) p[c] = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float* row = partial + (s * tokens + t) * (K + 1);
+#pragma unroll
+        for (int c = 0; c < K; ++c) p[c] += row[c];
+        sum_sq += row[K];
     }
+    const float r = sqrtf(sum_sq / (float)D + EPS_RMS);
+    write_ext<N>(p, r, alpha_b, iters, ext + t * (2 * K + 1));
 }
 
 // Row stride of the per-token backward scratch dp: [dP (k) | coef (1) | zero padding] so rows

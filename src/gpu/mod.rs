@@ -108,16 +108,13 @@ pub enum Grid {
     ProjectTiles,
     /// One thread per token.
     ThreadPerToken,
-    /// One warp/wave per token.
-    WavePerToken,
     /// Grid-stride over (token, vector chunk of C): one thread per chunk, at most
     /// `BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor.
     Chunks,
     /// Grid-stride over tokens, one block per token, capped like `Chunks`.
     BlockPerToken,
     /// x over the reduction axis D = n*C (`BWD_X_ELEMS_PER_THREAD` per thread), y over token
-    /// ranges: about `BWD_X_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor, ranges of at
-    /// least `BWD_X_TOKEN_CHUNK` tokens.
+    /// ranges: about two blocks per multiprocessor, ranges of at least `BWD_X_TOKEN_CHUNK` tokens.
     /// The range length is the kernel's `tokens_per_split` argument (`Geometry::split_len`).
     SplitD,
     /// Grid-stride over rows, one block per row at a time, at most
@@ -131,9 +128,6 @@ pub enum Grid {
 pub const MAX_BLOCK: usize = 256;
 /// Grid-stride kernels: at most this many blocks per multiprocessor.
 pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
-/// `Grid::SplitD`: blocks per multiprocessor aimed for (as many as the kernels' register budget
-/// keeps resident for n <= 4: `bwd_x_min_blocks` in kernels/mhc_coeffs.cu).
-pub const BWD_X_BLOCKS_PER_MULTIPROCESSOR: usize = 3;
 /// `Grid::SplitD`: fewest tokens per range (each range adds one atomic pass over its slice of
 /// dphi, so no more ranges than needed to fill the device).
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
@@ -268,7 +262,6 @@ impl KernelSpec {
                 )
             }
             Grid::ThreadPerToken => ((blocks(tokens, block, u32::MAX as usize), 1), 0),
-            Grid::WavePerToken => ((blocks(tokens, block / wave, u32::MAX as usize), 1), 0),
             Grid::Chunks => (
                 (
                     blocks(tokens * shape.width.div_ceil(vec_len), block, cap),
@@ -291,7 +284,7 @@ impl KernelSpec {
             Grid::SplitD => {
                 let d = n * shape.width;
                 let d_blocks = d.div_ceil(block * BWD_X_ELEMS_PER_THREAD).max(1);
-                let splits = (BWD_X_BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1))
+                let splits = (2 * limits.multiprocessors.max(1))
                     .div_ceil(d_blocks)
                     .clamp(1, tokens.div_ceil(BWD_X_TOKEN_CHUNK).max(1));
                 let per_split = tokens.div_ceil(splits);
@@ -348,9 +341,8 @@ pub const COEFFS_PROJECT: KernelSpec = KernelSpec {
     grid: Grid::ProjectTiles,
 };
 
-/// Dynamic coefficients, step 2: per token (a warp/wave each, FINISH_THREADS = 128 per block),
-/// the slices added, rms, scale/bias, activations, Sinkhorn; ext [T, 2k+1]. `splits` is the
-/// project launch's grid y.
+/// Dynamic coefficients, step 2: per token, the slices added, rms, scale/bias, activations,
+/// Sinkhorn; ext [T, 2k+1]. `splits` is the project launch's grid y.
 pub const COEFFS_FINISH: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_finish",
@@ -366,7 +358,7 @@ pub const COEFFS_FINISH: KernelSpec = KernelSpec {
         I32("iters"),
     ],
     block: Block::Fixed(128),
-    grid: Grid::WavePerToken,
+    grid: Grid::ThreadPerToken,
 };
 
 /// Coefficient backward, per token (one thread each): dp [T, bwd_row_len(n)], Sinkhorn scratch
