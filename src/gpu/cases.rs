@@ -24,6 +24,66 @@ pub fn case_seed(run_seed: u64, index: usize) -> u64 {
     run_seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// The bound on every relative error for storage `dtype` (spec/mhc.md).
+pub fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        TOL_F32
+    } else {
+        TOL_BF16
+    }
+}
+
+/// A selftest run's count of passed and failed cases.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub passed: usize,
+    pub failed: usize,
+}
+
+impl Tally {
+    /// Records one case: its relative errors (each must be below `tolerance(dtype)`; NaN fails),
+    /// or the error that stopped it. Prints one line: "ok" or "FAIL", the case, the errors.
+    pub fn record<N: std::fmt::Display>(
+        &mut self,
+        case: &dyn std::fmt::Display,
+        dtype: DType,
+        result: anyhow::Result<Vec<(N, f64)>>,
+    ) {
+        match result {
+            Ok(errs) => {
+                let ok = errs.iter().all(|(_, e)| *e < tolerance(dtype));
+                let all = errs
+                    .iter()
+                    .map(|(name, e)| format!("{name} {e:.1e}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                println!("{} {case}  {all}", if ok { "ok  " } else { "FAIL" });
+                if ok {
+                    self.passed += 1;
+                } else {
+                    self.failed += 1;
+                }
+            }
+            Err(err) => {
+                println!("FAIL {case}  error: {err:#}");
+                self.failed += 1;
+            }
+        }
+    }
+
+    /// Prints the closing "N passed, M failed" line; an error naming `run` if any case failed.
+    pub fn finish(&self, run: &str) -> anyhow::Result<()> {
+        println!(
+            "{} passed, {} failed (tolerance f32 {TOL_F32:e}, bf16 {TOL_BF16:e})",
+            self.passed, self.failed
+        );
+        if self.failed > 0 {
+            anyhow::bail!("{run}: {} case(s) failed", self.failed)
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
     pub dtype: DType,

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::cases::{case_seed, cases, normal, run_seed, Case, TOL_BF16, TOL_F32};
+use super::cases::{case_seed, cases, normal, run_seed, Case, Tally};
 
 /// One case's inputs on the CPU: x, y in the storage dtype; parameters and loss weights f32.
 struct Inputs {
@@ -290,34 +290,13 @@ pub fn selftest(device: &Device, seed: Option<u64>) -> anyhow::Result<()> {
     set_poison_outputs(true);
     let run_seed = run_seed(seed);
     println!("gpu selftest: fused kernels vs f64 reference, seed {run_seed}");
-    let (mut passed, mut failed) = (0, 0);
+    let mut tally = Tally::default();
     for (i, case) in cases().iter().enumerate() {
-        let seed = case_seed(run_seed, i);
-        let tol = if case.dtype == DType::F32 {
-            TOL_F32
-        } else {
-            TOL_BF16
-        };
-        match check(case, seed, device) {
-            Ok(errs) => {
-                let ok = errs.iter().all(|(_, e)| *e < tol);
-                let worst = errs
-                    .iter()
-                    .map(|(name, e)| format!("{name} {e:.1e}"))
-                    .collect::<Vec<_>>()
-                    .join("  ");
-                println!("{} {case}  {worst}", if ok { "ok  " } else { "FAIL" });
-                if ok {
-                    passed += 1;
-                } else {
-                    failed += 1;
-                }
-            }
-            Err(err) => {
-                println!("FAIL {case}  error: {err:#}");
-                failed += 1;
-            }
-        }
+        tally.record(
+            case,
+            case.dtype,
+            check(case, case_seed(run_seed, i), device),
+        );
     }
     // RMSNorm: odd C (scalar path), aligned C, one row, 3-D x, more columns than the register
     // dgamma partials cover (atomic tail), and a training-sized case.
@@ -331,42 +310,14 @@ pub fn selftest(device: &Device, seed: Option<u64>) -> anyhow::Result<()> {
     ];
     for (i, dims) in norm_dims.iter().enumerate() {
         for dtype in [DType::F32, DType::BF16] {
-            let seed = run_seed ^ (1000 + i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let tol = if dtype == DType::F32 {
-                TOL_F32
-            } else {
-                TOL_BF16
-            };
+            let seed = case_seed(run_seed, 1000 + i);
             let label = format!(
                 "rms-norm {:<4} {dims:?}",
                 format!("{dtype:?}").to_lowercase()
             );
-            match check_rms_norm(dims, dtype, seed, device) {
-                Ok(errs) => {
-                    let ok = errs.iter().all(|(_, e)| *e < tol);
-                    let worst = errs
-                        .iter()
-                        .map(|(name, e)| format!("{name} {e:.1e}"))
-                        .collect::<Vec<_>>()
-                        .join("  ");
-                    println!("{} {label}  {worst}", if ok { "ok  " } else { "FAIL" });
-                    if ok {
-                        passed += 1;
-                    } else {
-                        failed += 1;
-                    }
-                }
-                Err(err) => {
-                    println!("FAIL {label}  error: {err:#}");
-                    failed += 1;
-                }
-            }
+            tally.record(&label, dtype, check_rms_norm(dims, dtype, seed, device));
         }
     }
     set_poison_outputs(false);
-    println!("{passed} passed, {failed} failed (tolerance f32 {TOL_F32:e}, bf16 {TOL_BF16:e})");
-    if failed > 0 {
-        bail!("gpu selftest: {failed} case(s) failed")
-    }
-    Ok(())
+    tally.finish("gpu selftest")
 }

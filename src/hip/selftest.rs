@@ -14,7 +14,7 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::gpu::cases::{case_seed, cases, normal, run_seed, Case, TOL_BF16, TOL_F32};
+use crate::gpu::cases::{case_seed, cases, normal, run_seed, Case, Tally};
 
 /// One case's inputs, x and y already rounded to the storage dtype (kept as f32 values), so
 /// both sides see the same numbers.
@@ -243,38 +243,13 @@ pub fn selftest(seed: Option<u64>) -> Result<()> {
         "hip selftest on {} ({}, {} CUs, wave {}): fused kernels vs f64 reference, seed {run_seed}",
         dev.name, dev.arch, dev.limits.multiprocessors, dev.limits.wave
     );
-    let (mut passed, mut failed) = (0, 0);
+    let mut tally = Tally::default();
     for (i, case) in cases().iter().enumerate() {
-        let seed = case_seed(run_seed, i);
-        let tol = if case.dtype == DType::F32 {
-            TOL_F32
-        } else {
-            TOL_BF16
-        };
-        match check_case(&dev, case, seed) {
-            Ok(errs) => {
-                let ok = errs.iter().all(|(_, e)| *e < tol);
-                let all = errs
-                    .iter()
-                    .map(|(name, e)| format!("{name} {e:.1e}"))
-                    .collect::<Vec<_>>()
-                    .join("  ");
-                println!("{} {case}  {all}", if ok { "ok  " } else { "FAIL" });
-                if ok {
-                    passed += 1;
-                } else {
-                    failed += 1;
-                }
-            }
-            Err(err) => {
-                println!("FAIL {case}  error: {err:#}");
-                failed += 1;
-            }
-        }
+        tally.record(
+            case,
+            case.dtype,
+            check_case(&dev, case, case_seed(run_seed, i)),
+        );
     }
-    println!("{passed} passed, {failed} failed (tolerance f32 {TOL_F32:e}, bf16 {TOL_BF16:e})");
-    if failed > 0 {
-        bail!("hip selftest: {failed} case(s) failed")
-    }
-    Ok(())
+    tally.finish("hip selftest")
 }
