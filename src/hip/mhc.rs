@@ -4,7 +4,7 @@
 //! `crate::gpu` (`KernelSpec::args`, `KernelSpec::geometry` with this device's wave size).
 //!
 //! Launches per op: coeffs forward 2 (dynamic: projection over slices of D, then the per-token
-//! finish, through a temporary partial buffer) or 1 (static); coeffs backward 1 (static) or 2
+//! finish, through the partial sums in `CoeffsScratch`) or 1 (static); coeffs backward 1 (static) or 2
 //! (dynamic), plus the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
 //! Layouts as in .notes/OPS.md: x [T, n, C], h [T, k], ext and d_ext [T, 2k + 1], phi [nC, k],
 //! alpha_b [3 + k].
@@ -37,7 +37,8 @@ fn launch(
 }
 
 /// Coefficients forward: ext [T, 2k+1] = [H | P | r]. Static mode reads neither x nor phi
-/// (phi may be empty).
+/// (phi may be empty). The projection's partial sums go to `scratch`.
+#[allow(clippy::too_many_arguments)]
 pub fn coeffs_forward<T: DeviceElem>(
     dev: &Device,
     shape: &MhcShape,
@@ -46,6 +47,7 @@ pub fn coeffs_forward<T: DeviceElem>(
     phi: &Buffer<f32>,
     alpha_b: &Buffer<f32>,
     ext: &mut Buffer<f32>,
+    scratch: &mut CoeffsScratch,
 ) -> Result<()> {
     let op = "mhc-coeffs";
     let (k, d) = (shape.k(), shape.streams * shape.width);
@@ -60,7 +62,14 @@ pub fn coeffs_forward<T: DeviceElem>(
     if shape.dynamic {
         let project = COEFFS_PROJECT.geometry(&dev.limits, shape, T::DTYPE, tokens);
         let (splits, d_per_split) = (project.grid.1 as usize, project.split_len as i64);
-        let mut partial = dev.alloc_out::<f32>(splits * tokens * (k + 1))?;
+        let partial = &mut scratch.partial;
+        if partial.len() < splits * tokens * (k + 1) {
+            bail!(
+                "{op}: scratch holds {} partial sums, the launch needs {}",
+                partial.len(),
+                splits * tokens * (k + 1)
+            )
+        }
         let args = [
             x.arg(),
             phi.arg(),
@@ -118,16 +127,29 @@ pub fn d_ext_of(
     d_ext.copy_columns(2 * k + 1, n, dh_post, k, n, k - n, tokens)
 }
 
-/// Scratch of the coefficient backward: dp [T, bwd_row_len(n)] and the Sinkhorn denominators
-/// [2 * iters * n, T]. Only the kernels read it back.
+/// Scratch of the coefficient ops, allocated once so timed calls only launch: the forward
+/// projection's partial sums [slices, T, k + 1] (dynamic mode), and for the backward dp [T,
+/// bwd_row_len(n)] and the Sinkhorn denominators [2 * iters * n, T]. Only the kernels read it.
 pub struct CoeffsScratch {
+    partial: Buffer<f32>,
     dp: Buffer<f32>,
     den: Buffer<f32>,
 }
 
 impl CoeffsScratch {
-    pub fn new(dev: &Device, shape: &MhcShape, tokens: usize) -> Result<Self> {
+    /// For `tokens` tokens of storage type T (the projection's slicing follows `COEFFS_PROJECT`'s
+    /// launch rule on this device).
+    pub fn new<T: DeviceElem>(dev: &Device, shape: &MhcShape, tokens: usize) -> Result<Self> {
+        let slices = if shape.dynamic && tokens > 0 {
+            COEFFS_PROJECT
+                .geometry(&dev.limits, shape, T::DTYPE, tokens)
+                .grid
+                .1 as usize
+        } else {
+            0
+        };
         Ok(Self {
+            partial: dev.alloc((slices * tokens * (shape.k() + 1)).max(1))?,
             dp: dev.alloc_out(tokens * bwd_row_len(shape.streams))?,
             den: dev.alloc((2 * shape.sinkhorn_iters * shape.streams * tokens).max(1))?,
         })
@@ -421,7 +443,7 @@ impl<T: DeviceElem> Sublayer<T> {
             dx_coeffs: dev.alloc_out(dynamic_len(tokens * d))?,
             dphi: dev.alloc(dynamic_len(d * k))?,
             dalpha_b: dev.alloc(3 + k)?,
-            scratch: CoeffsScratch::new(dev, &shape, tokens)?,
+            scratch: CoeffsScratch::new::<T>(dev, &shape, tokens)?,
         })
     }
 
@@ -436,6 +458,7 @@ impl<T: DeviceElem> Sublayer<T> {
             &self.phi,
             &self.alpha_b,
             &mut self.ext,
+            &mut self.scratch,
         )?;
         h_of_ext(shape, t, &self.ext, &mut self.h)?;
         pre_forward(dev, shape, t, &self.x, &self.h, &mut self.u)
