@@ -6,12 +6,11 @@
 
 use super::cpu;
 use super::MhcShape;
+use crate::custom_op::{cpu_slice, dispatch_elem, storage_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
-    WithDType,
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
-use half::bf16;
 use std::sync::{Arc, Mutex};
 
 /// H [T, k] f32 for x [T, n, C]: dynamic (phi [nC, k] given) or static (phi None: H from b alone).
@@ -349,43 +348,6 @@ pub struct PostOp {
     pub shape: MhcShape,
 }
 
-/// The contiguous elements of a CPU storage as `E`, or an error naming the op and the tensor.
-fn cpu_slice<'a, E: WithDType>(
-    op: &str,
-    name: &str,
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> Result<&'a [E]> {
-    if s.dtype() != E::DTYPE {
-        bail!(
-            "{op}: {name} has dtype {:?}, expected {:?}",
-            s.dtype(),
-            E::DTYPE
-        );
-    }
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!(
-            "{op}: {name} must be contiguous (shape {:?}, stride {:?})",
-            l.shape(),
-            l.stride()
-        );
-    };
-    Ok(&E::cpu_storage_as_slice(s)?[start..end])
-}
-
-/// The contiguous elements of a tensor's CPU storage (from `Tensor::storage_and_layout`) as `E`.
-fn storage_slice<'a, E: WithDType>(
-    op: &str,
-    name: &str,
-    s: &'a Storage,
-    l: &Layout,
-) -> Result<&'a [E]> {
-    let Storage::Cpu(s) = s else {
-        bail!("{op}: {name} is not on the CPU");
-    };
-    cpu_slice::<E>(op, name, s, l)
-}
-
 fn check_dims(op: &str, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
         bail!("{op}: {name} has shape {got:?}, expected {want:?}");
@@ -403,30 +365,6 @@ fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize> {
             shape.width
         ),
     }
-}
-
-/// Runs `$body` with `$E` bound to the storage element type of x (f32, bf16 or f64).
-macro_rules! dispatch_elem {
-    ($op:expr, $dtype:expr, $E:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $E = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $E = bf16;
-                $body
-            }
-            DType::F64 => {
-                type $E = f64;
-                $body
-            }
-            other => bail!(
-                "{}: x has dtype {other:?}; supported are f32, bf16 and f64",
-                $op
-            ),
-        }
-    };
 }
 
 impl CoeffsOp {

@@ -9,11 +9,11 @@
 //! CPU: plain Rust in f64 arithmetic, rows in parallel (exact enough for finite-difference tests
 //! on f64 storage).
 
+use crate::custom_op::{cpu_slice, dispatch_elem, storage_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+    bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType,
 };
-use half::bf16;
 use rayon::prelude::*;
 
 /// y = x / sqrt(mean(x^2) + eps) * gamma over the last dim of x; gradients flow to x and gamma.
@@ -45,46 +45,6 @@ impl RmsNormOp {
         }
         Ok((x.iter().product::<usize>() / c.max(1), c))
     }
-}
-
-/// Contiguous elements of a CPU storage as `E`.
-fn cpu_slice<'a, E: WithDType>(name: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [E]> {
-    let op = RmsNormOp::NAME;
-    if s.dtype() != E::DTYPE {
-        bail!(
-            "{op}: {name} has dtype {:?}, expected {:?}",
-            s.dtype(),
-            E::DTYPE
-        )
-    }
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("{op}: {name} must be contiguous (stride {:?})", l.stride())
-    };
-    Ok(&E::cpu_storage_as_slice(s)?[start..end])
-}
-
-/// Runs `$body` with `$E` bound to x's element type.
-macro_rules! dispatch_elem {
-    ($dtype:expr, $E:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $E = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $E = bf16;
-                $body
-            }
-            DType::F64 => {
-                type $E = f64;
-                $body
-            }
-            other => bail!(
-                "{}: x has dtype {other:?}; supported are f32, bf16 (and f64 on the CPU)",
-                RmsNormOp::NAME
-            ),
-        }
-    };
 }
 
 /// 1 / sqrt(mean(row^2) + eps), in f64.
@@ -168,9 +128,10 @@ impl CustomOp2 for RmsNormOp {
         gamma_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c) = self.check(x_l.dims(), gamma_l.dims(), gamma.dtype())?;
-        let gamma = cpu_slice::<f32>("gamma", gamma, gamma_l)?;
-        let y = dispatch_elem!(x.dtype(), E => {
-            let x = cpu_slice::<E>("x", x, x_l)?;
+        let op = Self::NAME;
+        let gamma = cpu_slice::<f32>(op, "gamma", gamma, gamma_l)?;
+        let y = dispatch_elem!(op, x.dtype(), E => {
+            let x = cpu_slice::<E>(op, "x", x, x_l)?;
             E::to_cpu_storage_owned(cpu_forward(x, gamma, c, self.eps))
         });
         Ok((y, x_l.shape().clone()))
@@ -214,18 +175,13 @@ pub fn rms_norm_backward(
     match x.device() {
         Device::Cpu => {
             let (x, gamma, dy) = (x.contiguous()?, gamma.contiguous()?, dy.contiguous()?);
-            let (x_g, x_l) = x.storage_and_layout();
-            let (gamma_g, gamma_l) = gamma.storage_and_layout();
-            let (dy_g, dy_l) = dy.storage_and_layout();
-            let (Storage::Cpu(x_s), Storage::Cpu(gamma_s), Storage::Cpu(dy_s)) =
-                (&*x_g, &*gamma_g, &*dy_g)
-            else {
-                bail!("{op}: x, gamma and dy must all be on the CPU")
-            };
-            let gamma_v = cpu_slice::<f32>("gamma", gamma_s, gamma_l)?;
-            dispatch_elem!(x.dtype(), E => {
-                let x_v = cpu_slice::<E>("x", x_s, x_l)?;
-                let dy_v = cpu_slice::<E>("dy", dy_s, dy_l)?;
+            let (x_s, x_l) = x.storage_and_layout();
+            let (gamma_s, gamma_l) = gamma.storage_and_layout();
+            let (dy_s, dy_l) = dy.storage_and_layout();
+            let gamma_v = storage_slice::<f32>(op, "gamma", &gamma_s, gamma_l)?;
+            dispatch_elem!(op, x.dtype(), E => {
+                let x_v = storage_slice::<E>(op, "x", &x_s, x_l)?;
+                let dy_v = storage_slice::<E>(op, "dy", &dy_s, dy_l)?;
                 let (dx, dgamma) = cpu_backward(x_v, gamma_v, dy_v, c, eps);
                 Ok((
                     Tensor::from_vec(dx, x.shape(), &Device::Cpu)?,
