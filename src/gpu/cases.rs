@@ -33,6 +33,31 @@ pub fn tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// ||a - b|| / ||b|| with None read as zeros of the other's length; an exact-zero reference asks
+/// for an exact-zero result; NaN when `a` holds a non-finite element, so it fails every bound.
+pub fn rel_err(name: &str, a: Option<&[f64]>, b: Option<&[f64]>) -> anyhow::Result<f64> {
+    let len = a.or(b).map(|v| v.len()).unwrap_or(0);
+    let zeros = vec![0.0; len];
+    let (a, b) = (a.unwrap_or(&zeros), b.unwrap_or(&zeros));
+    if a.len() != b.len() {
+        anyhow::bail!("{name}: {} elements, reference has {}", a.len(), b.len())
+    }
+    if a.iter().any(|v| !v.is_finite()) {
+        return Ok(f64::NAN);
+    }
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    Ok(if norm == 0.0 {
+        if diff == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (diff / norm).sqrt()
+    })
+}
+
 /// A selftest run's count of passed and failed cases.
 #[derive(Debug, Default)]
 pub struct Tally {

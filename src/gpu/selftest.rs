@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::cases::{case_seed, cases, normal, run_seed, Case, Tally};
+use super::cases::{self, case_seed, cases, normal, run_seed, Case, Tally};
 
 /// One case's inputs on the CPU: x, y in the storage dtype; parameters and loss weights f32.
 struct Inputs {
@@ -155,35 +155,16 @@ fn run(
     })
 }
 
-/// ||a - b|| / ||b|| (both f64 on the CPU), with `None` read as zeros of the other's size.
-/// An exact-zero reference asks for an exact-zero result. NaN whenever `a` holds a non-finite
-/// element, so it fails every bound.
+/// `cases::rel_err` of two tensors (read as f64 on the CPU).
 fn rel_err(name: &str, a: Option<&Tensor>, b: Option<&Tensor>) -> anyhow::Result<f64> {
-    let flat = |t: Option<&Tensor>, len: usize| -> anyhow::Result<Vec<f64>> {
+    let f64s = |t: Option<&Tensor>| -> anyhow::Result<Option<Vec<f64>>> {
         Ok(match t {
-            Some(t) => t.flatten_all()?.to_vec1::<f64>()?,
-            None => vec![0.0; len],
+            Some(t) => Some(t.flatten_all()?.to_vec1::<f64>()?),
+            None => None,
         })
     };
-    let len = a.or(b).map(|t| t.elem_count()).unwrap_or(0);
-    let (a, b) = (flat(a, len)?, flat(b, len)?);
-    if a.len() != b.len() {
-        bail!("{name}: {} elements, reference has {}", a.len(), b.len())
-    }
-    if a.iter().any(|v| !v.is_finite()) {
-        return Ok(f64::NAN);
-    }
-    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-    let norm: f64 = b.iter().map(|y| y * y).sum();
-    Ok(if norm == 0.0 {
-        if diff == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        (diff / norm).sqrt()
-    })
+    let (a, b) = (f64s(a)?, f64s(b)?);
+    cases::rel_err(name, a.as_deref(), b.as_deref())
 }
 
 /// The fused ops one by one (candle adds their three dx) or as one chained sublayer

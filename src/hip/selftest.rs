@@ -14,7 +14,7 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::gpu::cases::{case_seed, cases, normal, run_seed, Case, Tally};
+use crate::gpu::cases::{case_seed, cases, normal, rel_err, run_seed, Case, Tally};
 
 /// One case's inputs, x and y already rounded to the storage dtype (kept as f32 values), so
 /// both sides see the same numbers.
@@ -176,31 +176,6 @@ fn oracle(inp: &Inputs) -> Result<Results> {
         dalpha: grad(&alpha)?,
         db: grad(&b)?.context("b has no gradient")?,
         dy: grad(&y)?.context("y has no gradient")?,
-    })
-}
-
-/// ||a - b|| / ||b|| with None read as zeros of the other's length; an exact-zero reference asks
-/// for an exact-zero result; NaN when `a` holds a non-finite element, so it fails every bound.
-pub fn rel_err(name: &str, a: Option<&[f64]>, b: Option<&[f64]>) -> Result<f64> {
-    let len = a.or(b).map(|v| v.len()).unwrap_or(0);
-    let zeros = vec![0.0; len];
-    let (a, b) = (a.unwrap_or(&zeros), b.unwrap_or(&zeros));
-    if a.len() != b.len() {
-        bail!("{name}: {} elements, reference has {}", a.len(), b.len())
-    }
-    if a.iter().any(|v| !v.is_finite()) {
-        return Ok(f64::NAN);
-    }
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-    let norm: f64 = b.iter().map(|y| y * y).sum();
-    Ok(if norm == 0.0 {
-        if diff == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        (diff / norm).sqrt()
     })
 }
 
