@@ -5,86 +5,33 @@
 
 use super::mhc::Sublayer;
 use super::runtime::{Device, DeviceElem};
-use crate::mhc::apply::{sinkhorn_iters, write_atomically, RMS_NORM_EPS};
+use crate::mhc::apply::{read_inputs, write_atomically, ApplyInputs, RMS_NORM_EPS};
 use crate::mhc::cpu::Elem;
 use crate::mhc::MhcShape;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device as Cpu, Tensor};
 use half::bf16;
 use std::collections::HashMap;
 use std::path::Path;
 
-const INPUT_NAMES: [&str; 7] = ["x", "phi", "alpha", "b", "gamma", "dout", "sinkhorn_iters"];
-
 /// Reads `input`, runs the sublayer on AMD GPU 0, writes `output`.
 pub fn mhc_apply(input: &Path, output: &Path) -> Result<()> {
-    let mut tensors = candle_core::safetensors::load(input, &Cpu::Cpu)
-        .with_context(|| format!("reading safetensors file {}", input.display()))?;
-    if let Some(unknown) = tensors
-        .keys()
-        .find(|name| !INPUT_NAMES.contains(&name.as_str()))
-    {
-        bail!(
-            "{}: unknown tensor {unknown:?}; expected some of {INPUT_NAMES:?}",
-            input.display()
-        );
-    }
-    let x = tensors
-        .remove("x")
-        .context("input has no tensor \"x\" [T, n, C]")?;
-    let (tokens, n, c) = match *x.dims() {
-        [t, n, c] if t > 0 && n > 0 && c > 0 => (t, n, c),
-        _ => bail!(
-            "tensor \"x\" has shape {:?}, expected [T, n, C] with all sizes > 0",
-            x.dims()
-        ),
+    let ApplyInputs {
+        shape,
+        x,
+        phi,
+        alpha,
+        b,
+        gamma,
+        dout,
+    } = read_inputs(input, &Cpu::Cpu)?;
+    let values = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     };
-    let phi = tensors.remove("phi");
-    let shape = MhcShape {
-        streams: n,
-        width: c,
-        sinkhorn_iters: sinkhorn_iters(tensors.remove("sinkhorn_iters"))?,
-        dynamic: phi.is_some(),
-    };
-    let k = shape.k();
-    let phi = match phi {
-        Some(t) => f32_values("phi", &t, &[n * c, k])?,
-        None => Vec::new(),
-    };
-    let alpha = match (tensors.remove("alpha"), shape.dynamic) {
-        (Some(t), _) => f32_values("alpha", &t, &[3])?,
-        (None, false) => vec![0.0; 3],
-        (None, true) => bail!("input has \"phi\" (dynamic mode) but no tensor \"alpha\" [3]"),
-    };
-    let b = f32_values(
-        "b",
-        &tensors
-            .remove("b")
-            .context("input has no tensor \"b\" [k]")?,
-        &[k],
-    )?;
-    let gamma = f32_values(
-        "gamma",
-        &tensors
-            .remove("gamma")
-            .context("input has no tensor \"gamma\" [C]")?,
-        &[c],
-    )?;
-    let dout = match tensors.remove("dout") {
-        Some(t) => {
-            if t.dims() != [tokens, n, c] {
-                bail!(
-                    "tensor \"dout\" has shape {:?}, expected {:?}",
-                    t.dims(),
-                    [tokens, n, c]
-                )
-            }
-            Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        }
-        None => None,
-    };
-    let mut alpha_b = alpha;
-    alpha_b.extend_from_slice(&b);
+    let phi = phi.as_ref().map(values).transpose()?.unwrap_or_default();
+    let alpha_b = [values(&alpha)?, values(&b)?].concat();
+    let gamma = values(&gamma)?;
+    let dout = dout.as_ref().map(values).transpose()?;
     let inputs = Inputs {
         shape,
         phi: &phi,
@@ -209,18 +156,4 @@ fn rms_norm_backward<T: Elem>(u: &[T], gamma: &[f32], dy: &[T], c: usize) -> (Ve
         }
     }
     (du, dgamma)
-}
-
-/// The f32 values of a tensor of shape `want` (mHC parameters are f32).
-fn f32_values(name: &str, t: &Tensor, want: &[usize]) -> Result<Vec<f32>> {
-    if t.dims() != want {
-        bail!(
-            "tensor {name:?} has shape {:?}, expected {want:?}",
-            t.dims()
-        );
-    }
-    if t.dtype() != DType::F32 {
-        bail!("tensor {name:?} has dtype {:?}, expected f32", t.dtype());
-    }
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }

@@ -42,8 +42,26 @@ The output file is written to a temporary file beside it, then renamed.";
 /// Every tensor name the input may hold.
 const INPUT_NAMES: [&str; 7] = ["x", "phi", "alpha", "b", "gamma", "dout", "sinkhorn_iters"];
 
-/// Reads `input`, runs the sublayer with `imp` on `device`, writes `output` (see `APPLY_HELP`).
-pub fn mhc_apply(input: &Path, output: &Path, imp: MhcImpl, device: &Device) -> Result<()> {
+/// The inputs of one `mhc-apply` run, read and checked (shapes and dtypes as in `APPLY_HELP`).
+pub struct ApplyInputs {
+    pub shape: MhcShape,
+    /// [T, n, C], f32 or bf16.
+    pub x: Tensor,
+    /// [n*C, k] f32; None in static mode.
+    pub phi: Option<Tensor>,
+    /// [3] f32 (zeros when static mode leaves it out).
+    pub alpha: Tensor,
+    /// [k] f32.
+    pub b: Tensor,
+    /// [C] f32.
+    pub gamma: Tensor,
+    /// [T, n, C]: the gradient of the output, when the backward is asked for.
+    pub dout: Option<Tensor>,
+}
+
+/// Reads `input` onto `device` and checks every tensor: one clear error for the first problem,
+/// before any work.
+pub fn read_inputs(input: &Path, device: &Device) -> Result<ApplyInputs> {
     let mut tensors = candle_core::safetensors::load(input, device)
         .with_context(|| format!("reading safetensors file {}", input.display()))?;
     if let Some(unknown) = tensors
@@ -102,7 +120,28 @@ pub fn mhc_apply(input: &Path, output: &Path, imp: MhcImpl, device: &Device) -> 
         .remove("dout")
         .map(|t| checked_shape("dout", t, &[tokens, n, c]))
         .transpose()?;
+    Ok(ApplyInputs {
+        shape,
+        x,
+        phi,
+        alpha,
+        b,
+        gamma,
+        dout,
+    })
+}
 
+/// Reads `input`, runs the sublayer with `imp` on `device`, writes `output` (see `APPLY_HELP`).
+pub fn mhc_apply(input: &Path, output: &Path, imp: MhcImpl, device: &Device) -> Result<()> {
+    let ApplyInputs {
+        shape,
+        x,
+        phi,
+        alpha,
+        b,
+        gamma,
+        dout,
+    } = read_inputs(input, device)?;
     let x = Var::from_tensor(&x)?;
     let phi = phi.map(|t| Var::from_tensor(&t)).transpose()?;
     let alpha = Var::from_tensor(&alpha)?;
@@ -190,7 +229,7 @@ fn checked_f32(name: &str, t: Tensor, want: &[usize]) -> Result<Tensor> {
 }
 
 /// t_max from the optional one-element `sinkhorn_iters` tensor.
-pub fn sinkhorn_iters(t: Option<Tensor>) -> Result<usize> {
+fn sinkhorn_iters(t: Option<Tensor>) -> Result<usize> {
     let Some(t) = t else {
         return Ok(DEFAULT_SINKHORN_ITERS);
     };
