@@ -54,7 +54,9 @@ fn coeffs_inputs(
 /// post; pre's u feeds f, which feeds post), so post's backward leaves its dx and pre's its
 /// (du, H) in a state the three ops share, and returns no gradient for x; the coefficient
 /// backward forms dx = dx_post + H_pre (x) du + its own term (on CUDA in dynamic mode, in its
-/// one pass over x) and returns it as x's only gradient from this sublayer.
+/// one pass over x) and returns it as x's only gradient from this sublayer. (CUDA in static
+/// mode, where the coefficients make no pass over x: pre returns its dx and the coefficient
+/// backward post's, and autograd adds the two.)
 pub fn sublayer(
     x: &Tensor,
     phi: Option<&Tensor>,
@@ -112,7 +114,8 @@ struct ChainedCoeffsOp {
     chain: Chain,
 }
 
-/// `PreOp` whose backward stashes (du, H) and returns dh only.
+/// `PreOp` whose backward stashes (du, H) and returns dh only (on CUDA in static mode: dx and
+/// dh, as `PreOp`).
 struct ChainedPreOp {
     op: PreOp,
     chain: Chain,
@@ -185,20 +188,12 @@ impl CustomOp3 for ChainedCoeffsOp {
             )?;
             return Ok((Some(dx), Some(dphi), Some(dalpha_b)));
         }
-        // Static mode on CUDA (no pass over x to fuse into): pre's dx from its kernel and one
-        // add in the storage dtype, as autograd adds the gradients of the unchained ops.
+        // Static mode on CUDA (no pass over x to fuse into): pre handed its dx to autograd,
+        // which adds post's to it in the storage dtype, as for the unchained ops.
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let (_, _, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
-            let dx_pre = match state.pre {
-                Some((du, h)) => Some(pre_backward(shape, x, &h, &du)?.0),
-                None => None,
-            };
-            let dx = match (state.dx_post, dx_pre) {
-                (Some(post), Some(pre)) => Some((post + pre)?),
-                (post, pre) => post.or(pre),
-            };
-            return Ok((dx, None, Some(dalpha_b)));
+            return Ok((state.dx_post, None, Some(dalpha_b)));
         }
         // CPU: add the contributions in f32 (f64 for f64 storage) and round once.
         let (dx, dphi, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
@@ -268,7 +263,16 @@ impl CustomOp2 for ChainedPreOp {
         let du = du.contiguous()?;
         let dh = match x.device() {
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) => crate::gpu::chain::pre_backward_dh(shape, x, h, &du)?,
+            Device::Cuda(_) if shape.dynamic => {
+                crate::gpu::chain::pre_backward_dh(shape, x, h, &du)?
+            }
+            // Static mode on CUDA: pre's kernel computes dx and dh in one pass; dx goes to
+            // autograd (the coefficient backward has no pass over x to fold it into).
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                let (dx, dh) = pre_backward(shape, x, h, &du)?;
+                return Ok((Some(dx), Some(dh)));
+            }
             // The CPU computes pre's dx too; only its dh is used here.
             _ => pre_backward(shape, x, h, &du)?.1,
         };
