@@ -34,11 +34,9 @@ fn bench_fused_vs_reference() -> anyhow::Result<()> {
     let tokens = list("MHC_BENCH_TOKENS", &[1024, 16384, 65536])?;
     let widths = list("MHC_BENCH_WIDTHS", &[1280, 2560])?;
     let device = Device::new_cuda(0)?;
+    let bench = mhc_train::gpu::bench::Bench::new(&device)?;
     for &t in &tokens {
-        println!(
-            "{}",
-            mhc_train::gpu::bench::bench_ops(&device, t, widths[0], 4, 20)?
-        );
+        println!("{}", bench.ops_alone(t, widths[0], 4, 20)?);
     }
     if std::env::var_os("MHC_BENCH_OPS_ONLY").is_none() {
         let table = mhc_train::gpu::bench::bench_mhc(&device, &tokens, &widths, 4, 20)?;

@@ -49,7 +49,7 @@ fn measure(device: &Device, reps: usize, op_reps: usize) -> Result<LayerResults>
     use crate::bench::report::{
         Accuracy, LayerConfig, LayerTiming, OpTiming, SizeSet, LAYER_VARIANTS, OP_VARIANTS, REF_F32,
     };
-    use crate::gpu::bench::{bench_ops, Bench, FLUSH_BYTES, FUSED_RMS_NORM, WARMUP};
+    use crate::gpu::bench::{Bench, FLUSH_BYTES, FUSED_RMS_NORM, WARMUP};
     let started = std::time::Instant::now();
     let progress =
         |what: &str| eprintln!("[bench {:6.1} s] {what}", started.elapsed().as_secs_f64());
@@ -135,9 +135,9 @@ fn measure(device: &Device, reps: usize, op_reps: usize) -> Result<LayerResults>
     progress("correctness done");
     // At a training size and at the seed size where the fused sublayer is slowest against the
     // reference (T = 1024, C = 2560).
-    let mut fused_ops_alone = bench_ops(device, TRAIN_TOKENS[0], TRAIN_WIDTHS[0], STREAMS, reps)?;
+    let mut fused_ops_alone = bench.ops_alone(TRAIN_TOKENS[0], TRAIN_WIDTHS[0], STREAMS, reps)?;
     fused_ops_alone += "\n";
-    fused_ops_alone += &bench_ops(device, 1024, SEED_WIDTHS[2], STREAMS, reps)?;
+    fused_ops_alone += &bench.ops_alone(1024, SEED_WIDTHS[2], STREAMS, reps)?;
     progress("fused ops alone done");
     Ok(LayerResults {
         fused_rms_norm: FUSED_RMS_NORM.into(),

@@ -263,144 +263,6 @@ pub fn bench_mhc(
     Ok(out)
 }
 
-/// Per-kernel table: each fused op alone (forward, and its backward launch layer), dynamic mode,
-/// with the bytes it must move (X = T*n*C, U = T*C elements): coeffs fwd X, bwd 2X (read x, write
-/// dx); pre fwd X + U, bwd 2X + U; post fwd 2X + U, bwd 3X + 2U; the chained sublayer's pieces:
-/// coeffs bwd summing dx 3X + U (read x, dx_post, du, write dx), pre bwd dh only X + U; F =
-/// RMSNorm fwd 2U, bwd 3U.
-pub fn bench_ops(
-    device: &Device,
-    tokens: usize,
-    width: usize,
-    streams: usize,
-    reps: usize,
-) -> anyhow::Result<String> {
-    let timer = Timer::new(device)?;
-    let copy_gbs = copy_bandwidth(device, &timer)?;
-    let mut out = format!(
-        "Fused ops alone, T = {tokens}, n = {streams}, C = {width}, dynamic, median of {reps}, \
-         L2 flushed; copy {copy_gbs:.0} GB/s.\n\n| dtype | op | ms | GB/s | % of copy |\n|---|---|---|---|---|\n"
-    );
-    for dtype in [DType::BF16, DType::F32] {
-        let layer = Sublayer::new(device, dtype, tokens, width, streams, true)?;
-        let shape = layer.shape;
-        let x = layer.x.as_tensor().detach();
-        let phi = layer
-            .phi
-            .as_ref()
-            .context("dynamic layer has phi")?
-            .as_tensor()
-            .detach();
-        let alpha_b = Tensor::cat(&[layer.alpha.as_tensor(), layer.b.as_tensor()], 0)?.detach();
-        let ext = x.apply_op3(&phi, &alpha_b, ops::CoeffsOp { shape })?;
-        let h = ext.narrow(1, 0, shape.k())?.contiguous()?;
-        let d_ext = Tensor::randn(0f32, 1.0, ext.dims(), device)?;
-        let y = Tensor::randn(0f32, 1.0, (tokens, width), device)?.to_dtype(dtype)?;
-        let g = Tensor::randn(0f32, 1.0, x.dims(), device)?.to_dtype(dtype)?;
-        let elem = dtype.size_in_bytes() as f64;
-        let (xb, ub) = (
-            (tokens * streams * width) as f64 * elem,
-            (tokens * width) as f64 * elem,
-        );
-        let gamma = layer.gamma.as_tensor();
-        type Step<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
-        let steps: [(&str, f64, Step); 10] = [
-            (
-                "coeffs fwd",
-                xb,
-                Box::new(|| {
-                    x.apply_op3(&phi, &alpha_b, ops::CoeffsOp { shape })?;
-                    Ok(())
-                }),
-            ),
-            (
-                "coeffs bwd",
-                2.0 * xb,
-                Box::new(|| {
-                    super::mhc::coeffs_backward(&shape, &x, &phi, &alpha_b, &ext, &d_ext)?;
-                    Ok(())
-                }),
-            ),
-            (
-                "pre fwd",
-                xb + ub,
-                Box::new(|| {
-                    ops::pre(&x, &h, &shape)?;
-                    Ok(())
-                }),
-            ),
-            (
-                "pre bwd",
-                2.0 * xb + ub,
-                Box::new(|| {
-                    super::mhc::pre_backward(&shape, &x, &h, &y)?;
-                    Ok(())
-                }),
-            ),
-            (
-                "post fwd",
-                2.0 * xb + ub,
-                Box::new(|| {
-                    ops::post(&x, &h, &y, &shape)?;
-                    Ok(())
-                }),
-            ),
-            (
-                "post bwd",
-                3.0 * xb + 2.0 * ub,
-                Box::new(|| {
-                    super::mhc::post_backward(&shape, &x, &h, &y, &g)?;
-                    Ok(())
-                }),
-            ),
-            (
-                "coeffs bwd, dx summed (chained)",
-                3.0 * xb + ub,
-                Box::new(|| {
-                    super::chain::coeffs_backward_sum(
-                        &shape, &x, &phi, &alpha_b, &ext, &d_ext, &g, &y, &h,
-                    )?;
-                    Ok(())
-                }),
-            ),
-            (
-                "pre bwd, dh only (chained)",
-                xb + ub,
-                Box::new(|| {
-                    super::chain::pre_backward_dh(&shape, &x, &h, &y)?;
-                    Ok(())
-                }),
-            ),
-            (
-                "rmsnorm fwd (F)",
-                2.0 * ub,
-                Box::new(|| {
-                    rms_norm(&y, gamma)?;
-                    Ok(())
-                }),
-            ),
-            (
-                "rmsnorm bwd (F)",
-                3.0 * ub,
-                Box::new(|| {
-                    super::rms_norm::backward(RMS_NORM_EPS, &y, gamma, &y)?;
-                    Ok(())
-                }),
-            ),
-        ];
-        for (name, bytes, step) in steps.iter() {
-            let ms = timer.median_ms(reps, step)?;
-            let gbs = bytes / (ms * 1e-3) / 1e9;
-            out.push_str(&format!(
-                "| {} | {name} | {ms:.4} | {gbs:.0} | {:.0} |\n",
-                format!("{dtype:?}").to_lowercase(),
-                100.0 * gbs / copy_gbs
-            ));
-        }
-    }
-    Ok(out)
-}
-
 /// F of the candle-ops variants: RMSNorm over the last axis as candle basic ops in f32 (upcast,
 /// mean of squares, sqrt, divide, scale, cast back), what `mhc::apply::rms_norm` ran before the
 /// fused RMSNorm op; the fused variants use `mhc::apply::rms_norm`, whatever the trainer runs.
@@ -511,6 +373,143 @@ impl Bench {
     /// Device-to-device copy bandwidth, GB/s (read + write).
     pub fn copy_gbs(&self) -> f64 {
         self.copy_gbs
+    }
+
+    /// Per-kernel table: each fused op alone (forward, and its backward launch layer), dynamic mode,
+    /// with the bytes it must move (X = T*n*C, U = T*C elements): coeffs fwd X, bwd 2X (read x, write
+    /// dx); pre fwd X + U, bwd 2X + U; post fwd 2X + U, bwd 3X + 2U; the chained sublayer's pieces:
+    /// coeffs bwd summing dx 3X + U (read x, dx_post, du, write dx), pre bwd dh only X + U; F =
+    /// RMSNorm fwd 2U, bwd 3U.
+    pub fn ops_alone(
+        &self,
+        tokens: usize,
+        width: usize,
+        streams: usize,
+        reps: usize,
+    ) -> anyhow::Result<String> {
+        let (device, timer, copy_gbs) = (&self.device, &self.timer, self.copy_gbs);
+        let mut out = format!(
+            "Fused ops alone, T = {tokens}, n = {streams}, C = {width}, dynamic, median of {reps}, \
+             L2 flushed; copy {copy_gbs:.0} GB/s.\n\n| dtype | op | ms | GB/s | % of copy |\n|---|---|---|---|---|\n"
+        );
+        for dtype in [DType::BF16, DType::F32] {
+            let layer = Sublayer::new(device, dtype, tokens, width, streams, true)?;
+            let shape = layer.shape;
+            let x = layer.x.as_tensor().detach();
+            let phi = layer
+                .phi
+                .as_ref()
+                .context("dynamic layer has phi")?
+                .as_tensor()
+                .detach();
+            let alpha_b = Tensor::cat(&[layer.alpha.as_tensor(), layer.b.as_tensor()], 0)?.detach();
+            let ext = x.apply_op3(&phi, &alpha_b, ops::CoeffsOp { shape })?;
+            let h = ext.narrow(1, 0, shape.k())?.contiguous()?;
+            let d_ext = Tensor::randn(0f32, 1.0, ext.dims(), device)?;
+            let y = Tensor::randn(0f32, 1.0, (tokens, width), device)?.to_dtype(dtype)?;
+            let g = Tensor::randn(0f32, 1.0, x.dims(), device)?.to_dtype(dtype)?;
+            let elem = dtype.size_in_bytes() as f64;
+            let (xb, ub) = (
+                (tokens * streams * width) as f64 * elem,
+                (tokens * width) as f64 * elem,
+            );
+            let gamma = layer.gamma.as_tensor();
+            type Step<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
+            let steps: [(&str, f64, Step); 10] = [
+                (
+                    "coeffs fwd",
+                    xb,
+                    Box::new(|| {
+                        x.apply_op3(&phi, &alpha_b, ops::CoeffsOp { shape })?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "coeffs bwd",
+                    2.0 * xb,
+                    Box::new(|| {
+                        super::mhc::coeffs_backward(&shape, &x, &phi, &alpha_b, &ext, &d_ext)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "pre fwd",
+                    xb + ub,
+                    Box::new(|| {
+                        ops::pre(&x, &h, &shape)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "pre bwd",
+                    2.0 * xb + ub,
+                    Box::new(|| {
+                        super::mhc::pre_backward(&shape, &x, &h, &y)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "post fwd",
+                    2.0 * xb + ub,
+                    Box::new(|| {
+                        ops::post(&x, &h, &y, &shape)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "post bwd",
+                    3.0 * xb + 2.0 * ub,
+                    Box::new(|| {
+                        super::mhc::post_backward(&shape, &x, &h, &y, &g)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "coeffs bwd, dx summed (chained)",
+                    3.0 * xb + ub,
+                    Box::new(|| {
+                        super::chain::coeffs_backward_sum(
+                            &shape, &x, &phi, &alpha_b, &ext, &d_ext, &g, &y, &h,
+                        )?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "pre bwd, dh only (chained)",
+                    xb + ub,
+                    Box::new(|| {
+                        super::chain::pre_backward_dh(&shape, &x, &h, &y)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "rmsnorm fwd (F)",
+                    2.0 * ub,
+                    Box::new(|| {
+                        rms_norm(&y, gamma)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "rmsnorm bwd (F)",
+                    3.0 * ub,
+                    Box::new(|| {
+                        super::rms_norm::backward(RMS_NORM_EPS, &y, gamma, &y)?;
+                        Ok(())
+                    }),
+                ),
+            ];
+            for (name, bytes, step) in steps.iter() {
+                let ms = timer.median_ms(reps, step)?;
+                let gbs = bytes / (ms * 1e-3) / 1e9;
+                out.push_str(&format!(
+                    "| {} | {name} | {ms:.4} | {gbs:.0} | {:.0} |\n",
+                    format!("{dtype:?}").to_lowercase(),
+                    100.0 * gbs / copy_gbs
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Median forward time of an isolated op ("rmsnorm" or "sigmoid") on a random rows x cols
