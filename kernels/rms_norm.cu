@@ -69,9 +69,9 @@ __device__ __forceinline__ void rn_backward_chunk(const T* __restrict__ xr, cons
 
 // Backward: grid-stride over rows, a block per row at a time. Pass 1 sums x^2 and gamma*dy*x over
 // the row, pass 2 (L1 re-reads) writes dx and accumulates dgamma in registers; each block adds its
-// sum to its own row of dgamma_partial [gridDim.x, C] (zeroed before the launch; the caller sums
-// the rows). Plain adds, no atomics: with every block adding into one [C] row, ~1000 blocks x C
-// atomics on the same C addresses took 138 us at 1024 x 2560 on an H100.
+// sum to its own row of dgamma_partial [gridDim.x, C] (zeroed before the launch; the rows are
+// summed by dgamma_column_sums below). Plain adds, no atomics: with every block adding into one
+// [C] row, ~1000 blocks x C atomics on the same C addresses took 138 us at 1024 x 2560 on an H100.
 template <typename T>
 __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restrict__ gamma,
                                   const T* __restrict__ dy, T* __restrict__ dx,
@@ -135,6 +135,36 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
     }
 }
 
+// dgamma [C] = the sum of the backward's per-block rows dgamma_partial [blocks, C]. A block owns
+// RN_SUM_COLUMNS adjacent columns (one 32-byte sector of each row) and splits the rows among
+// blockDim.x / RN_SUM_COLUMNS groups of threads, so every column's sum has many loads in flight
+// and every load is a full sector; the groups' sums meet in shared memory.
+constexpr int RN_SUM_COLUMNS = 8;
+
+__device__ void dgamma_column_sums(const float* __restrict__ dgamma_partial, float* __restrict__ dgamma,
+                                    long long blocks, long long C) {
+    __shared__ float group_sums[MAX_BLOCK];
+    const int groups = blockDim.x / RN_SUM_COLUMNS;
+    const int group = threadIdx.x / RN_SUM_COLUMNS;
+    const long long col = (long long)blockIdx.x * RN_SUM_COLUMNS + threadIdx.x % RN_SUM_COLUMNS;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four independent chains of loads
+    if (col < C) {
+        long long r = group;
+        for (; r + 3LL * groups < blocks; r += 4LL * groups) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i] += dgamma_partial[(r + (long long)i * groups) * C + col];
+        }
+        for (; r < blocks; r += groups) acc[0] += dgamma_partial[r * C + col];
+    }
+    group_sums[threadIdx.x] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    __syncthreads();
+    if (threadIdx.x < RN_SUM_COLUMNS && col < C) {
+        float total = 0.0f;
+        for (int g = 0; g < groups; ++g) total += group_sums[g * RN_SUM_COLUMNS + threadIdx.x];
+        dgamma[col] = total;
+    }
+}
+
 // Exported kernels, one per storage dtype (no stream count: rows of C).
 #define RN_FWD_PARAMS(T) const T *x, const float *gamma, T *y, long long rows, long long C, long long eps_bits
 #define RN_BWD_PARAMS(T) \
@@ -144,3 +174,6 @@ extern "C" __global__ void rms_norm_fwd_f32(RN_FWD_PARAMS(float)) { rms_norm_for
 extern "C" __global__ void rms_norm_fwd_bf16(RN_FWD_PARAMS(mhc_bf16)) { rms_norm_forward<mhc_bf16>(x, gamma, y, rows, C, eps_bits); }
 extern "C" __global__ void rms_norm_bwd_f32(RN_BWD_PARAMS(float)) { rms_norm_backward<float>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }
 extern "C" __global__ void rms_norm_bwd_bf16(RN_BWD_PARAMS(mhc_bf16)) { rms_norm_backward<mhc_bf16>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }
+extern "C" __global__ void rms_norm_dgamma_sum(const float *dgamma_partial, float *dgamma, long long blocks, long long C) {
+    dgamma_column_sums(dgamma_partial, dgamma, blocks, C);
+}

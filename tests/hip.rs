@@ -1,30 +1,52 @@
 //! The AMD (HIP) path without an AMD GPU:
-//! - both launch layers (src/gpu/mhc.rs for CUDA, src/hip/mhc.rs for HIP) pass every kernel the
-//!   argument list of the one table in src/gpu/mod.rs, in order, writable exactly where the table
-//!   says the kernel writes, and HIP launches every kernel CUDA launches (read from the sources;
-//!   runs in every build);
+//! - both launch layers (src/gpu/{mhc,chain,rms_norm}.rs for CUDA, src/hip/{mhc,rms_norm}.rs for
+//!   HIP) pass every kernel the argument list of the one table in src/gpu/mod.rs, in order,
+//!   writable exactly where the table says the kernel writes, and both launch every kernel of the
+//!   table (read from the sources; runs in every build);
 //! - with `--features hip`: every embedded gfx942/gfx90a code object holds every kernel of the
 //!   table with exactly the argument layout the HIP layer packs (AMD kernel metadata via
 //!   llvm-readelf-19); the packer refuses arguments the table does not list; with no AMD GPU,
 //!   the entry points fail with one clear message.
 
 use mhc_train::gpu::{
-    Arg, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC,
-    KERNELS, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
+    Arg, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_BWD_X_SUM, COEFFS_FINISH,
+    COEFFS_PROJECT, COEFFS_STATIC, KERNELS, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_FWD,
+    RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
 };
 
 /// The table's constants by name, as the launch layers spell them.
-const SPECS: [(&str, KernelSpec); 9] = [
+const SPECS: [(&str, KernelSpec); 14] = [
     ("COEFFS_STATIC", COEFFS_STATIC),
     ("COEFFS_PROJECT", COEFFS_PROJECT),
     ("COEFFS_FINISH", COEFFS_FINISH),
     ("COEFFS_BWD_TOKEN", COEFFS_BWD_TOKEN),
     ("COEFFS_BWD_X", COEFFS_BWD_X),
+    ("COEFFS_BWD_X_SUM", COEFFS_BWD_X_SUM),
     ("PRE_FWD", PRE_FWD),
     ("PRE_BWD", PRE_BWD),
+    ("PRE_BWD_DH", PRE_BWD_DH),
     ("POST_FWD", POST_FWD),
     ("POST_BWD", POST_BWD),
+    ("RMS_NORM_FWD", RMS_NORM_FWD),
+    ("RMS_NORM_BWD", RMS_NORM_BWD),
+    ("RMS_NORM_DGAMMA_SUM", RMS_NORM_DGAMMA_SUM),
 ];
+
+/// A parsed launch: the table constant's name and the (argument name, writable) list.
+type Launch = (String, Vec<(String, bool)>);
+
+/// The launch layers' source files, relative to the crate root.
+const CUDA_LAYER: [&str; 3] = ["src/gpu/mhc.rs", "src/gpu/chain.rs", "src/gpu/rms_norm.rs"];
+const HIP_LAYER: [&str; 2] = ["src/hip/mhc.rs", "src/hip/rms_norm.rs"];
+
+/// Every launch of a layer's files, by `parse`.
+fn layer_launches(files: &[&str], parse: fn(&str) -> Vec<Launch>) -> Vec<Launch> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    files
+        .iter()
+        .flat_map(|file| parse(&std::fs::read_to_string(format!("{root}/{file}")).unwrap()))
+        .collect()
+}
 
 fn spec_named(name: &str) -> KernelSpec {
     SPECS
@@ -64,7 +86,7 @@ fn arg_name(expr: &str) -> String {
 }
 
 /// CUDA: from each `function(dev, &SPEC, ..)` to the next `.launch(`, the `.arg(..)` calls.
-fn cuda_launches(src: &str) -> Vec<(String, Vec<(String, bool)>)> {
+fn cuda_launches(src: &str) -> Vec<Launch> {
     let mut launches = Vec::new();
     for (at, _) in src.match_indices("function(dev, &") {
         let rest = &src[at + "function(dev, &".len()..];
@@ -84,7 +106,7 @@ fn cuda_launches(src: &str) -> Vec<(String, Vec<(String, bool)>)> {
 }
 
 /// HIP: each `let args = [..];` and the spec of the launch that follows it.
-fn hip_launches(src: &str) -> Vec<(String, Vec<(String, bool)>)> {
+fn hip_launches(src: &str) -> Vec<Launch> {
     let mut launches = Vec::new();
     for (at, _) in src.match_indices("let args = [") {
         let rest = &src[at + "let args = [".len()..];
@@ -129,9 +151,8 @@ fn hip_launches(src: &str) -> Vec<(String, Vec<(String, bool)>)> {
 
 #[test]
 fn cuda_and_hip_layers_pass_the_table_arguments() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let cuda = cuda_launches(&std::fs::read_to_string(format!("{root}/src/gpu/mhc.rs")).unwrap());
-    let hip = hip_launches(&std::fs::read_to_string(format!("{root}/src/hip/mhc.rs")).unwrap());
+    let cuda = layer_launches(&CUDA_LAYER, cuda_launches);
+    let hip = layer_launches(&HIP_LAYER, hip_launches);
     assert!(!cuda.is_empty() && !hip.is_empty(), "no launches found");
     for (layer, launches) in [("CUDA", &cuda), ("HIP", &hip)] {
         for (spec, args) in launches.iter() {

@@ -1,5 +1,5 @@
 //! The kernel table (src/gpu/mod.rs) against the kernel sources, without a GPU: every symbol of
-//! every family in `KERNELS` and `NEW_KERNELS` (each storage dtype, each stream count) is an
+//! every family in `KERNELS` (each storage dtype, each stream count) is an
 //! exported kernel of its module's `kernels/<stem>.cu`, with the table's argument list: names in
 //! order, `const` pointers for `In`, writable pointers for `Out`/`Accumulate`, f32 pointers for
 //! `F32`, the dtype's storage pointer for `Storage`, `long long` for `I64`, `int` for `I32`.
@@ -7,9 +7,9 @@
 
 use candle_core::DType;
 use mhc_train::gpu::{
-    Arg, DeviceLimits, Elem, KernelSpec, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, COEFFS_PROJECT,
-    KERNELS, MAX_STREAMS, MIN_STREAMS, NEW_KERNELS, PROJECT_BLOCKS_PER_MULTIPROCESSOR,
-    PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_FWD,
+    Arg, DeviceLimits, Elem, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, COEFFS_PROJECT,
+    DGAMMA_SUM_COLUMNS, KERNELS, MAX_STREAMS, MIN_STREAMS, PROJECT_BLOCKS_PER_MULTIPROCESSOR,
+    PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
 };
 use mhc_train::mhc::MhcShape;
 use std::collections::HashMap;
@@ -107,16 +107,12 @@ fn expected_type(arg: &Arg, dtype: DType) -> (String, String) {
     }
 }
 
-fn families() -> Vec<KernelSpec> {
-    KERNELS.iter().chain(NEW_KERNELS.iter()).copied().collect()
-}
-
 #[test]
 fn every_table_kernel_is_exported_with_the_table_arguments() {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut sources = HashMap::new();
     let mut checked = 0usize;
-    for spec in families() {
+    for spec in KERNELS {
         let stem = spec.module.stem();
         let kernels = sources.entry(stem).or_insert_with(|| {
             exported_kernels(&std::fs::read_to_string(format!("{root}/kernels/{stem}.cu")).unwrap())
@@ -148,8 +144,9 @@ fn every_table_kernel_is_exported_with_the_table_arguments() {
         }
     }
     // 6 mHC families of 14 symbols (2 dtypes x 7 n), 3 of 7 (n only: static, finish, per-token
-    // backward), the RMSNorm pair (2 dtypes each), the 2 chained families of 14.
-    assert_eq!(checked, 6 * 14 + 3 * 7 + 2 * 2 + 2 * 14);
+    // backward), the RMSNorm pair (2 dtypes each) and its dgamma sum (one), the 2 chained
+    // families of 14.
+    assert_eq!(checked, 6 * 14 + 3 * 7 + 2 * 2 + 1 + 2 * 14);
 }
 
 #[test]
@@ -180,6 +177,10 @@ fn rms_norm_launch_rules() {
             .block,
         256
     );
+    // The dgamma sum: a block per DGAMMA_SUM_COLUMNS columns, the last one partial.
+    let sum = RMS_NORM_DGAMMA_SUM.row_geometry(&limits, DType::F32, 1056, 1283);
+    assert_eq!(sum.block, 256);
+    assert_eq!(sum.grid, (1283_u32.div_ceil(DGAMMA_SUM_COLUMNS as u32), 1));
     // AMD waves of 64: blocks are whole waves.
     let amd = DeviceLimits {
         wave: 64,

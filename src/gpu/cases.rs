@@ -1,7 +1,8 @@
 //! The selftest cases shared by every launch layer (CUDA and HIP): the same shapes, logit scales
 //! and tolerances on each vendor, and the random inputs drawn the same way.
 
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -174,4 +175,85 @@ pub fn cases() -> Vec<Case> {
 pub fn normal(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
     let dist = Normal::new(0.0, std).expect("positive std");
     (0..len).map(|_| dist.sample(rng) as f32).collect()
+}
+
+/// The RMSNorm cases (x's dims): odd C (scalar path), aligned C, one row, 3-D x, more columns
+/// than the kernel's register dgamma partials cover (its atomic tail), and a training size.
+pub const RMS_NORM_DIMS: [&[usize]; 6] = [
+    &[1, 129],
+    &[37, 256],
+    &[300, 67],
+    &[4, 5, 1032],
+    &[3, 9000],
+    &[4096, 1280],
+];
+/// eps of the RMSNorm cases.
+pub const RMS_NORM_EPS: f64 = 1e-5;
+
+/// One RMSNorm case's inputs: x (rounded to the storage dtype, kept as f32 values), gamma [C]
+/// (1 + N(0, 0.3^2): not all ones, which would hide a kernel that ignores it) and the loss
+/// weights w of sum(w * y).
+pub struct RmsNormInputs {
+    pub x: Vec<f32>,
+    pub gamma: Vec<f32>,
+    pub w: Vec<f32>,
+}
+
+impl RmsNormInputs {
+    pub fn new(dims: &[usize], dtype: DType, seed: u64) -> anyhow::Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let len: usize = dims.iter().product();
+        let c = dims.last().copied().unwrap_or(0);
+        let x = Tensor::from_vec(normal(&mut rng, len, 1.0), len, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let gamma = normal(&mut rng, c, 0.3).iter().map(|g| 1.0 + g).collect();
+        let w = normal(&mut rng, len, 1.0);
+        Ok(Self { x, gamma, w })
+    }
+
+    /// (y, dx, dgamma) of the loss sum(w * y) by candle ops in f64 on the CPU, the gradients by
+    /// autograd.
+    pub fn oracle(&self, dims: &[usize]) -> anyhow::Result<[Vec<f64>; 3]> {
+        let cpu = &Device::Cpu;
+        let f64_var = |v: &[f32], dims: &[usize]| -> anyhow::Result<Var> {
+            Ok(Var::from_tensor(
+                &Tensor::from_slice(v, dims, cpu)?.to_dtype(DType::F64)?,
+            )?)
+        };
+        let x = f64_var(&self.x, dims)?;
+        let gamma = f64_var(&self.gamma, &[self.gamma.len()])?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x
+            .broadcast_div(&(ms + RMS_NORM_EPS)?.sqrt()?)?
+            .broadcast_mul(&gamma)?;
+        let w = Tensor::from_slice(&self.w, dims, cpu)?.to_dtype(DType::F64)?;
+        let grads = (&y * w)?.sum_all()?.backward()?;
+        let flat = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
+        let grad = |v: &Var| -> anyhow::Result<Vec<f64>> {
+            flat(grads.get(v).ok_or_else(|| anyhow::anyhow!("no gradient"))?)
+        };
+        Ok([flat(&y)?, grad(&x)?, grad(&gamma)?])
+    }
+}
+
+/// The relative errors of y, dx and dgamma against `oracle`.
+pub fn rms_norm_errors(
+    fused: &[Vec<f64>; 3],
+    oracle: &[Vec<f64>; 3],
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    ["y", "dx", "dgamma"]
+        .into_iter()
+        .zip(fused.iter().zip(oracle))
+        .map(|(name, (a, b))| Ok((name, rel_err(name, Some(a), Some(b))?)))
+        .collect()
+}
+
+/// The label of an RMSNorm case in the selftest's output.
+pub fn rms_norm_label(dims: &[usize], dtype: DType) -> String {
+    format!(
+        "rms-norm {:<4} {dims:?}",
+        format!("{dtype:?}").to_lowercase()
+    )
 }

@@ -122,6 +122,8 @@ pub enum Grid {
     /// rows' share of an `Accumulate` output in registers and adds it once at the end into its
     /// own row of a [blocks, ..] partial output, which the caller sums.
     RowsAccumulate,
+    /// One block per `DGAMMA_SUM_COLUMNS` adjacent columns of the row width C.
+    ColumnGroups,
 }
 
 /// Largest block any kernel is launched with (MAX_BLOCK in kernels/mhc_common.h).
@@ -133,6 +135,8 @@ pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
 /// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor.
 pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 8;
+/// `Grid::ColumnGroups`: columns per block (mirrors RN_SUM_COLUMNS in kernels/rms_norm.cu).
+pub const DGAMMA_SUM_COLUMNS: usize = 8;
 /// `Grid::ProjectTiles` (mirrors PROJ_TOKENS and PROJ_CHUNK in kernels/mhc_coeffs.cu): tokens
 /// per block, and the step along D whose multiples the slices are.
 pub const PROJECT_TOKENS: usize = 64;
@@ -277,6 +281,13 @@ impl KernelSpec {
                         1,
                         ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1),
                     ),
+                    1,
+                ),
+                0,
+            ),
+            Grid::ColumnGroups => (
+                (
+                    blocks(shape.width, DGAMMA_SUM_COLUMNS, u32::MAX as usize),
                     1,
                 ),
                 0,
@@ -542,7 +553,7 @@ pub const RMS_NORM_FWD: KernelSpec = KernelSpec {
 };
 
 /// RMSNorm backward: dx [rows, C] written; each block adds its dgamma sum into its row of
-/// dgamma_partial [blocks, C] (the caller zeroes it and sums the rows).
+/// dgamma_partial [blocks, C] (the caller zeroes it; `RMS_NORM_DGAMMA_SUM` sums the rows).
 pub const RMS_NORM_BWD: KernelSpec = KernelSpec {
     module: Module::RmsNorm,
     stem: "rms_norm_bwd",
@@ -562,23 +573,40 @@ pub const RMS_NORM_BWD: KernelSpec = KernelSpec {
     grid: Grid::RowsAccumulate,
 };
 
-/// Kernels the CUDA layer launches that the HIP layer does not launch yet (see .notes/kernels.md):
-/// the RMSNorm pair (`crate::model::rms_norm`, launched from src/gpu/rms_norm.rs) and the chained
-/// sublayer backward (src/gpu/chain.rs). Kept out of `KERNELS`, which tests/hip.rs holds both
-/// layers to.
-pub const NEW_KERNELS: [KernelSpec; 4] = [RMS_NORM_FWD, RMS_NORM_BWD, COEFFS_BWD_X_SUM, PRE_BWD_DH];
+/// dgamma [C] = the sum of `RMS_NORM_BWD`'s dgamma_partial rows [blocks, C], coalesced (each
+/// block a few adjacent columns of every row).
+pub const RMS_NORM_DGAMMA_SUM: KernelSpec = KernelSpec {
+    module: Module::RmsNorm,
+    stem: "rms_norm_dgamma_sum",
+    per_dtype: false,
+    per_streams: false,
+    args: &[
+        In("dgamma_partial", F32),
+        Out("dgamma", F32),
+        I64("blocks"),
+        I64("C"),
+    ],
+    block: Block::Fixed(256),
+    grid: Grid::ColumnGroups,
+};
 
-/// Every mHC kernel family, for checks that walk them all.
-pub const KERNELS: [KernelSpec; 9] = [
+/// Every kernel family, for checks that walk them all; both launch layers (CUDA and HIP) launch
+/// each of them (tests/hip.rs).
+pub const KERNELS: [KernelSpec; 14] = [
     COEFFS_STATIC,
     COEFFS_PROJECT,
     COEFFS_FINISH,
     COEFFS_BWD_TOKEN,
     COEFFS_BWD_X,
+    COEFFS_BWD_X_SUM,
     PRE_FWD,
     PRE_BWD,
+    PRE_BWD_DH,
     POST_FWD,
     POST_BWD,
+    RMS_NORM_FWD,
+    RMS_NORM_BWD,
+    RMS_NORM_DGAMMA_SUM,
 ];
 
 /// Row length of the per-token backward scratch dp (mirrors `BwdRow::KPAD`): k + 1, rounded up

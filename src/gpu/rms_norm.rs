@@ -1,9 +1,9 @@
 //! CUDA launches of the RMSNorm kernels (kernels/rms_norm.cu) for `crate::model::rms_norm`:
-//! one launch forward; backward one launch plus the zeroing of the per-block dgamma rows and
-//! their sum.
+//! one launch forward; backward the zeroing of the per-block dgamma rows, one launch, and the
+//! launch that sums the rows.
 
 use super::mhc::{alloc_out, cfg, function, limits, tensor, view, wrap, StorageElem};
-use super::{RMS_NORM_BWD, RMS_NORM_FWD};
+use super::{RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
@@ -102,9 +102,11 @@ fn backward_t<T: StorageElem>(
     };
     let dev = &x_s.device;
     let mut dx = alloc_out::<T>(dev, rows * c)?;
-    let geometry = RMS_NORM_BWD.row_geometry(&limits(dev)?, x.dtype(), rows, c);
+    let limits = limits(dev)?;
+    let geometry = RMS_NORM_BWD.row_geometry(&limits, x.dtype(), rows, c);
     let blocks = geometry.grid.0 as usize;
     let mut dgamma_partial = dev.alloc_zeros::<f32>(blocks * c)?;
+    let mut dgamma = dev.alloc_zeros::<f32>(c)?;
     if rows > 0 && c > 0 {
         let func = function(dev, &RMS_NORM_BWD, x.dtype(), 0)?;
         let x_v = view::<T>(op, "x", x_s, x_l)?;
@@ -120,8 +122,19 @@ fn backward_t<T: StorageElem>(
             .arg(&mut dgamma_partial);
         b.arg(&rows_i).arg(&c_i).arg(&eps_bits);
         unsafe { b.launch(cfg(&geometry)) }.w()?;
+
+        // The blocks' partial rows added column by column (candle's sum over dim 0 of a
+        // [blocks, C] tensor reads each column strided, a 32-byte sector per float).
+        let func = function(dev, &RMS_NORM_DGAMMA_SUM, DType::F32, 0)?;
+        let sum_geometry = RMS_NORM_DGAMMA_SUM.row_geometry(&limits, DType::F32, blocks, c);
+        let blocks_i = blocks as i64;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&dgamma_partial).arg(&mut dgamma);
+        b.arg(&blocks_i).arg(&c_i);
+        unsafe { b.launch(cfg(&sum_geometry)) }.w()?;
     }
-    // The blocks' partial sums added in one reduction over the [blocks, C] rows.
-    let dgamma = tensor(wrap(dev, dgamma_partial), (blocks, c)).sum(0)?;
-    Ok((tensor(wrap(dev, dx), x.shape().clone()), dgamma))
+    Ok((
+        tensor(wrap(dev, dx), x.shape().clone()),
+        tensor(wrap(dev, dgamma), c),
+    ))
 }

@@ -13,7 +13,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::cases::{self, case_seed, cases, normal, run_seed, Case, Tally};
+use super::cases::{
+    self, case_seed, cases, normal, rms_norm_errors, rms_norm_label, run_seed, Case, RmsNormInputs,
+    Tally, RMS_NORM_DIMS, RMS_NORM_EPS,
+};
 
 /// One case's inputs on the CPU: x, y in the storage dtype; parameters and loss weights f32.
 struct Inputs {
@@ -216,47 +219,21 @@ fn check_rms_norm(
     seed: u64,
     device: &Device,
 ) -> anyhow::Result<Vec<(&'static str, f64)>> {
-    const EPS: f64 = 1e-5;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let cpu = Device::Cpu;
-    let len: usize = dims.iter().product();
-    let c = *dims.last().context("rms-norm case without dims")?;
-    let x = Tensor::from_vec(normal(&mut rng, len, 1.0), dims, &cpu)?.to_dtype(dtype)?;
-    let gamma: Vec<f32> = normal(&mut rng, c, 0.3).iter().map(|g| 1.0 + g).collect();
-    let gamma = Tensor::from_vec(gamma, c, &cpu)?;
-    let w = Tensor::from_vec(normal(&mut rng, len, 1.0), dims, &cpu)?;
-    let grads_of = |x: &Tensor, gamma: &Tensor, fused: bool| -> anyhow::Result<[Tensor; 3]> {
-        let (x, gamma) = (Var::from_tensor(x)?, Var::from_tensor(gamma)?);
-        let y = if fused {
-            crate::model::rms_norm::rms_norm(&x, &gamma, EPS)?
-        } else {
-            let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-            x.broadcast_div(&(ms + EPS)?.sqrt()?)?
-                .broadcast_mul(&gamma)?
-        };
-        let w = w.to_dtype(DType::F32)?.to_device(x.device())?;
-        let loss = (y.to_dtype(DType::F32)? * w)?.sum_all()?;
-        let grads = loss.backward()?;
-        let host = |t: &Tensor| -> anyhow::Result<Tensor> {
-            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?)
-        };
-        Ok([
-            host(&y)?,
-            host(grads.get(&x).context("x has no gradient")?)?,
-            host(grads.get(&gamma).context("gamma has no gradient")?)?,
-        ])
+    let inp = RmsNormInputs::new(dims, dtype, seed)?;
+    let x = Var::from_tensor(&Tensor::from_slice(&inp.x, dims, device)?.to_dtype(dtype)?)?;
+    let gamma = Var::from_tensor(&Tensor::from_slice(&inp.gamma, inp.gamma.len(), device)?)?;
+    let y = crate::model::rms_norm::rms_norm(&x, &gamma, RMS_NORM_EPS)?;
+    let w = Tensor::from_slice(&inp.w, dims, device)?;
+    let grads = (y.to_dtype(DType::F32)? * w)?.sum_all()?.backward()?;
+    let host = |t: &Tensor| -> anyhow::Result<Vec<f64>> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
     };
-    let fused = grads_of(&x.to_device(device)?, &gamma.to_device(device)?, true)?;
-    let oracle = grads_of(
-        &x.to_dtype(DType::F64)?,
-        &gamma.to_dtype(DType::F64)?,
-        false,
-    )?;
-    ["y", "dx", "dgamma"]
-        .into_iter()
-        .zip(fused.iter().zip(&oracle))
-        .map(|(name, (a, b))| Ok((name, rel_err(name, Some(a), Some(b))?)))
-        .collect()
+    let fused = [
+        host(&y)?,
+        host(grads.get(&x).context("x has no gradient")?)?,
+        host(grads.get(&gamma).context("gamma has no gradient")?)?,
+    ];
+    rms_norm_errors(&fused, &inp.oracle(dims)?)
 }
 
 /// Runs every case on `device` (a CUDA device; inputs from `seed`, else a fresh one), printing
@@ -279,24 +256,11 @@ pub fn selftest(device: &Device, seed: Option<u64>) -> anyhow::Result<()> {
             check(case, case_seed(run_seed, i), device),
         );
     }
-    // RMSNorm: odd C (scalar path), aligned C, one row, 3-D x, more columns than the register
-    // dgamma partials cover (atomic tail), and a training-sized case.
-    let norm_dims: [&[usize]; 6] = [
-        &[1, 129],
-        &[37, 256],
-        &[300, 67],
-        &[4, 5, 1032],
-        &[3, 9000],
-        &[4096, 1280],
-    ];
-    for (i, dims) in norm_dims.iter().enumerate() {
+    for (i, dims) in RMS_NORM_DIMS.iter().enumerate() {
         for dtype in [DType::F32, DType::BF16] {
             let seed = case_seed(run_seed, 1000 + i);
-            let label = format!(
-                "rms-norm {:<4} {dims:?}",
-                format!("{dtype:?}").to_lowercase()
-            );
-            tally.record(&label, dtype, check_rms_norm(dims, dtype, seed, device));
+            let result = check_rms_norm(dims, dtype, seed, device);
+            tally.record(&rms_norm_label(dims, dtype), dtype, result);
         }
     }
     set_poison_outputs(false);

@@ -1,22 +1,23 @@
-//! `mhc-train bench --device hip`: the mHC sublayer's fused ops on an AMD GPU at the seed report's
-//! sizes and at training sizes, f32 and bf16, static and dynamic, forward and forward+backward,
-//! timed with HIP events (2 warm-up calls, the last-level caches flushed by a 1 GiB write before
-//! every timed call, medians), GB/s against the bytes floor and the measured copy bandwidth.
+//! `mhc-train bench --device hip`: the mHC sublayer (F = RMSNorm) on an AMD GPU at the seed
+//! report's sizes and at training sizes, f32 and bf16, static and dynamic, forward and
+//! forward+backward, timed with HIP events (2 warm-up calls, the last-level caches flushed by a
+//! 1 GiB write before every timed call, medians), GB/s against the bytes floor and the measured
+//! copy bandwidth.
 //!
-//! What is timed: every launch of the fused mHC ops (coeffs, pre, post and their backwards, the
-//! strided copies that narrow ext to H and assemble d_ext, the zeroing of accumulated gradients).
-//! F is the identity (y = u, du = dy): kernels/ has no RMSNorm kernel yet, and the CUDA table
-//! times F in candle ops. dx stays three buffers (post, pre, coeffs contributions): no
-//! elementwise kernel adds them yet.
+//! What is timed: every launch of the sublayer as the trainer runs it on CUDA: coeffs, pre, the
+//! fused RMSNorm and post, and their chained backward (dx written once in dynamic mode), with the
+//! strided copies that narrow ext to H and assemble d_ext and the zeroing of accumulated
+//! gradients. In static mode post's and pre's dx stay two buffers (candle adds them on CUDA: one
+//! more pass over 3X that this table leaves out).
 //!
-//! Bytes floor of that work (X = T*n*C, U = T*C elements of the storage dtype): forward reads x
-//! once for coefficients and aggregate (X), writes u (U), reads x and y, writes x' (2X + U):
-//! 3X + 2U; backward: post reads g, x, y, writes dx, dy (3X + 2U), pre and coeffs read x and du
-//! and add into dx (3X + U): 6X + 3U; so forward+backward 9X + 5U.
+//! Bytes floor: the CUDA tables' (`LayerConfig::floor_fwd_bytes`, 3X + 4U forward and 9X + 10U
+//! forward+backward, X = T*n*C and U = T*C elements of the storage dtype).
 
-use super::mhc::Sublayer;
+use super::mhc::{Chaining, Sublayer, SublayerF};
 use super::runtime::{Buffer, Device, DeviceElem};
 use crate::bench::layer::{SEED_TOKENS, SEED_WIDTHS, STREAMS, TRAIN_TOKENS, TRAIN_WIDTHS};
+use crate::bench::report::LayerConfig;
+use crate::mhc::apply::RMS_NORM_EPS;
 use crate::mhc::MhcShape;
 use anyhow::Result;
 use half::bf16;
@@ -100,11 +101,16 @@ fn layer<T: DeviceElem>(
     };
     let mut alpha_b = vec![if dynamic { 0.5 } else { 0.0 }; 3];
     alpha_b.extend(normal(k, 1.0));
+    let gamma: Vec<f32> = normal(width, 0.1).iter().map(|g| 1.0 + g).collect();
     let g: Vec<T> = normal(tokens * n * width, 1.0)
         .into_iter()
         .map(&to_t)
         .collect();
-    let mut layer = Sublayer::new(dev, shape, true, &x, &phi, &alpha_b)?;
+    let f = SublayerF::RmsNorm {
+        gamma: &gamma,
+        eps: RMS_NORM_EPS,
+    };
+    let mut layer = Sublayer::new(dev, shape, f, Chaining::Chained, &x, &phi, &alpha_b)?;
     layer.g.copy_from_host(&g)?;
     Ok(layer)
 }
@@ -118,13 +124,18 @@ fn rows<T: DeviceElem>(
     reps: usize,
     to_t: impl Fn(f32) -> T + Copy,
 ) -> String {
-    let elem = std::mem::size_of::<T>() as f64;
+    let elem = std::mem::size_of::<T>();
     let dtype = format!("{:?}", T::DTYPE).to_lowercase();
-    let (x_bytes, u_bytes) = (
-        (tokens * STREAMS * width) as f64 * elem,
-        (tokens * width) as f64 * elem,
+    let config = LayerConfig {
+        tokens,
+        width,
+        streams: STREAMS,
+        dynamic: true,
+    };
+    let (floor_fwd, floor_all) = (
+        config.floor_fwd_bytes(elem),
+        config.floor_fwd_bwd_bytes(elem),
     );
-    let (floor_fwd, floor_all) = (3.0 * x_bytes + 2.0 * u_bytes, 9.0 * x_bytes + 5.0 * u_bytes);
     let cell = |r: &Result<f64>, floor: f64| match r {
         Ok(ms) => format!(
             "{ms:.3} | {:.0} | {:.0}",
@@ -190,11 +201,11 @@ pub fn bench(reps: usize) -> Result<String> {
     let mut timer = Timer::new(&dev)?;
     let copy_gbs = copy_bandwidth(&dev, &mut timer)?;
     let mut md = format!(
-        "Device {} ({}, {} CUs, wave {}). Fused mHC ops of one sublayer with F = identity \
-         (kernels/ has no RMSNorm kernel for HIP yet; dx left as its three contributions), n = \
-         {STREAMS}, median of {reps}, caches flushed; device-to-device copy {copy_gbs:.0} GB/s \
-         (read + write). Floor bytes: fwd 3X + 2U, fwd+bwd 9X + 5U (X = T*n*C, U = T*C \
-         elements); % = floor time at copy bandwidth / measured time.\n\n",
+        "Device {} ({}, {} CUs, wave {}). One mHC sublayer with F = RMSNorm, all fused \
+         kernels, chained backward (dx written once in dynamic mode; two dx buffers left in \
+         static mode), n = {STREAMS}, median of {reps}, caches flushed; device-to-device copy \
+         {copy_gbs:.0} GB/s (read + write). Floor bytes: fwd 3X + 4U, fwd+bwd 9X + 10U (X = \
+         T*n*C, U = T*C elements); % = floor time at copy bandwidth / measured time.\n\n",
         dev.name, dev.arch, dev.limits.multiprocessors, dev.limits.wave
     );
     md += "## mHC sublayer ops at the seed report's sizes (HIP)\n\n";

@@ -1,23 +1,31 @@
 //! The fused mHC ops on an AMD GPU: the same launch sequences as the CUDA layer
-//! (src/gpu/mhc.rs), on device buffers the caller owns, so a benchmark allocates once and times
-//! launches only. Kernels, argument lists and launch geometry all come from the table in
-//! `crate::gpu` (`KernelSpec::args`, `KernelSpec::geometry` with this device's wave size).
+//! (src/gpu/mhc.rs, src/gpu/chain.rs), on device buffers the caller owns, so a benchmark
+//! allocates once and times launches only. Kernels, argument lists and launch geometry all come
+//! from the table in `crate::gpu` (`KernelSpec::args`, `KernelSpec::geometry` with this device's
+//! wave size).
 //!
 //! Launches per op: coeffs forward 2 (dynamic: projection over slices of D, then the per-token
-//! finish, through the partial sums in `CoeffsScratch`) or 1 (static); coeffs backward 1 (static) or 2
-//! (dynamic), plus the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
+//! finish, through the partial sums in `CoeffsScratch`) or 1 (static); coeffs backward 1
+//! (static) or 2 (dynamic; the second also sums the sublayer's dx when chained), plus the zeroing
+//! of the accumulated dphi / dalpha_b; pre and post 1 each way.
 //! Layouts as in .notes/OPS.md: x [T, n, C], h [T, k], ext and d_ext [T, 2k + 1], phi [nC, k],
 //! alpha_b [3 + k].
 
+use super::rms_norm::RmsNorm;
 use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
 use crate::gpu::{
-    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT,
-    COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
+    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_BWD_X_SUM, COEFFS_FINISH,
+    COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use anyhow::{bail, Result};
 
-fn check_len<T: DeviceElem>(op: &str, name: &str, buf: &Buffer<T>, want: usize) -> Result<()> {
+pub(super) fn check_len<T: DeviceElem>(
+    op: &str,
+    name: &str,
+    buf: &Buffer<T>,
+    want: usize,
+) -> Result<()> {
     if buf.len() != want {
         bail!("{op}: {name} has {} elements, expected {want}", buf.len())
     }
@@ -163,8 +171,17 @@ pub struct CoeffsGrads<'a, T: DeviceElem> {
     pub dalpha_b: &'a mut Buffer<f32>,
 }
 
+/// The sublayer's other dx contributions, which the chained coefficient backward adds to its own
+/// term so that dx is written once: post's dx [T, n, C] and H_pre[j] du (du [T, C], h [T, k]).
+pub struct DxContributions<'a, T: DeviceElem> {
+    pub dx_post: &'a Buffer<T>,
+    pub du: &'a Buffer<T>,
+    pub h: &'a Buffer<f32>,
+}
+
 /// Coefficients backward from d_ext (only its first k columns, dH, are read): dalpha_b always;
-/// dx [T, n, C] and dphi [nC, k] in dynamic mode.
+/// dx [T, n, C] and dphi [nC, k] in dynamic mode, dx with `chained`'s contributions added when
+/// given.
 #[allow(clippy::too_many_arguments)]
 pub fn coeffs_backward<T: DeviceElem>(
     dev: &Device,
@@ -177,9 +194,11 @@ pub fn coeffs_backward<T: DeviceElem>(
     d_ext: &Buffer<f32>,
     scratch: &mut CoeffsScratch,
     grads: CoeffsGrads<T>,
+    chained: Option<DxContributions<T>>,
 ) -> Result<()> {
     let op = "mhc-coeffs backward";
-    let (n, k, d) = (shape.streams, shape.k(), shape.streams * shape.width);
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    let d = n * c;
     check_len(op, "x", x, tokens * d)?;
     check_len(op, "phi", phi, if shape.dynamic { d * k } else { 0 })?;
     check_len(op, "alpha_b", alpha_b, 3 + k)?;
@@ -187,6 +206,11 @@ pub fn coeffs_backward<T: DeviceElem>(
     check_len(op, "d_ext", d_ext, tokens * (2 * k + 1))?;
     check_len(op, "dp", &scratch.dp, tokens * bwd_row_len(n))?;
     check_len(op, "dalpha_b", grads.dalpha_b, 3 + k)?;
+    if let Some(sum) = &chained {
+        check_len(op, "dx_post", sum.dx_post, tokens * d)?;
+        check_len(op, "du", sum.du, tokens * c)?;
+        check_len(op, "h", sum.h, tokens * k)?;
+    }
     let (tokens_i, d_i, iters) = (tokens as i64, d as i64, shape.sinkhorn_iters as i32);
     grads.dalpha_b.zero()?;
     if tokens > 0 {
@@ -209,22 +233,45 @@ pub fn coeffs_backward<T: DeviceElem>(
     check_len(op, "dx", grads.dx, tokens * d)?;
     check_len(op, "dphi", grads.dphi, d * k)?;
     grads.dphi.zero()?;
-    if tokens > 0 && d > 0 {
-        let geometry = COEFFS_BWD_X.geometry(&dev.limits, shape, T::DTYPE, tokens);
-        let tokens_per_split = geometry.split_len as i64;
-        let args = [
-            x.arg(),
-            phi.arg(),
-            scratch.dp.arg(),
-            grads.dx.arg_mut(),
-            grads.dphi.arg_mut(),
-            KernelArg::I64(tokens_i),
-            KernelArg::I64(d_i),
-            KernelArg::I64(tokens_per_split),
-        ];
-        dev.launch(&COEFFS_BWD_X, T::DTYPE, n, &geometry, &args)?;
+    if tokens == 0 || d == 0 {
+        return Ok(());
     }
-    Ok(())
+    match chained {
+        None => {
+            let geometry = COEFFS_BWD_X.geometry(&dev.limits, shape, T::DTYPE, tokens);
+            let tokens_per_split = geometry.split_len as i64;
+            let args = [
+                x.arg(),
+                phi.arg(),
+                scratch.dp.arg(),
+                grads.dx.arg_mut(),
+                grads.dphi.arg_mut(),
+                KernelArg::I64(tokens_i),
+                KernelArg::I64(d_i),
+                KernelArg::I64(tokens_per_split),
+            ];
+            dev.launch(&COEFFS_BWD_X, T::DTYPE, n, &geometry, &args)
+        }
+        Some(sum) => {
+            let geometry = COEFFS_BWD_X_SUM.geometry(&dev.limits, shape, T::DTYPE, tokens);
+            let tokens_per_split = geometry.split_len as i64;
+            let args = [
+                x.arg(),
+                phi.arg(),
+                scratch.dp.arg(),
+                sum.dx_post.arg(),
+                sum.du.arg(),
+                sum.h.arg(),
+                grads.dx.arg_mut(),
+                grads.dphi.arg_mut(),
+                KernelArg::I64(tokens_i),
+                KernelArg::I64(d_i),
+                KernelArg::I64(c as i64),
+                KernelArg::I64(tokens_per_split),
+            ];
+            dev.launch(&COEFFS_BWD_X_SUM, T::DTYPE, n, &geometry, &args)
+        }
+    }
 }
 
 /// Aggregate: u [T, C] = sum_j H_pre[j] x_j.
@@ -254,7 +301,9 @@ pub fn pre_forward<T: DeviceElem>(
     launch(dev, &PRE_FWD, shape, T::DTYPE, tokens, &args)
 }
 
-/// Aggregate backward: dx [T, n, C], dh [T, k] (only the pre columns non-zero).
+/// Aggregate backward: dh [T, k] (only the pre columns non-zero) and, when `dx` is given, pre's
+/// dx [T, n, C] (without it, as in the chained sublayer: the coefficient backward folds pre's dx
+/// into the sublayer's).
 #[allow(clippy::too_many_arguments)]
 pub fn pre_backward<T: DeviceElem>(
     dev: &Device,
@@ -263,7 +312,7 @@ pub fn pre_backward<T: DeviceElem>(
     x: &Buffer<T>,
     h: &Buffer<f32>,
     du: &Buffer<T>,
-    dx: &mut Buffer<T>,
+    dx: Option<&mut Buffer<T>>,
     dh: &mut Buffer<f32>,
 ) -> Result<()> {
     let op = "mhc-pre backward";
@@ -271,21 +320,39 @@ pub fn pre_backward<T: DeviceElem>(
     check_len(op, "x", x, tokens * n * c)?;
     check_len(op, "h", h, tokens * k)?;
     check_len(op, "du", du, tokens * c)?;
-    check_len(op, "dx", dx, tokens * n * c)?;
     check_len(op, "dh", dh, tokens * k)?;
+    if let Some(dx) = &dx {
+        check_len(op, "dx", dx, tokens * n * c)?;
+    }
     if tokens == 0 {
         return Ok(());
     }
-    let args = [
-        x.arg(),
-        h.arg(),
-        du.arg(),
-        dx.arg_mut(),
-        dh.arg_mut(),
-        KernelArg::I64(tokens as i64),
-        KernelArg::I64(c as i64),
-    ];
-    launch(dev, &PRE_BWD, shape, T::DTYPE, tokens, &args)
+    let (tokens_i, c_i) = (tokens as i64, c as i64);
+    match dx {
+        Some(dx) => {
+            let args = [
+                x.arg(),
+                h.arg(),
+                du.arg(),
+                dx.arg_mut(),
+                dh.arg_mut(),
+                KernelArg::I64(tokens_i),
+                KernelArg::I64(c_i),
+            ];
+            launch(dev, &PRE_BWD, shape, T::DTYPE, tokens, &args)
+        }
+        None => {
+            let args = [
+                x.arg(),
+                h.arg(),
+                du.arg(),
+                dh.arg_mut(),
+                KernelArg::I64(tokens_i),
+                KernelArg::I64(c_i),
+            ];
+            launch(dev, &PRE_BWD_DH, shape, T::DTYPE, tokens, &args)
+        }
+    }
 }
 
 /// Mix + distribute: x' [T, n, C] = H_res x + H_post y.
@@ -364,47 +431,77 @@ pub fn post_backward<T: DeviceElem>(
     launch(dev, &POST_BWD, shape, T::DTYPE, tokens, &args)
 }
 
+/// F of the sublayer, y = F(u).
+#[derive(Debug, Clone, Copy)]
+pub enum SublayerF<'a> {
+    /// The caller writes y after `forward_pre` and du after `backward_post` (to check the mHC
+    /// ops on any y and du).
+    Given,
+    /// The fused RMSNorm with this gamma [C] and eps, on the device.
+    RmsNorm { gamma: &'a [f32], eps: f64 },
+}
+
+/// How the backward forms dx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chaining {
+    /// Each op writes its own dx term: post's, pre's and (dynamic) the coefficients'.
+    Unchained,
+    /// As the trainer on CUDA (`crate::mhc::ops::sublayer`): in dynamic mode pre computes dh
+    /// only and the coefficient backward writes the sublayer's whole dx in its pass over x; in
+    /// static mode post's and pre's dx remain (candle adds them on CUDA).
+    Chained,
+}
+
+/// The fused RMSNorm of a sublayer and its buffers.
+struct SublayerRmsNorm {
+    norm: RmsNorm,
+    gamma: Buffer<f32>,
+    dgamma: Buffer<f32>,
+}
+
 /// Every buffer of one mHC sublayer x' = H_res x + H_post F(H_pre x) on the device, forward and
-/// backward, allocated once. F runs outside (on the host, or nowhere: with `identity_f`, y is u
-/// and du is dy, so the ops run back to back without F). The gradient of x comes back as its
-/// three contributions (post, pre, coeffs): summing them needs an elementwise kernel that
-/// kernels/ does not have, so callers add them on the host.
+/// backward, allocated once, so a benchmark times launches only. The gradient of x comes back
+/// as the buffers of `dx_parts`, whose sum it is (one buffer for the chained dynamic backward).
 pub struct Sublayer<T: DeviceElem> {
     pub shape: MhcShape,
     pub tokens: usize,
-    pub identity_f: bool,
+    pub chaining: Chaining,
     pub x: Buffer<T>,
     pub phi: Buffer<f32>,
     pub alpha_b: Buffer<f32>,
     pub ext: Buffer<f32>,
     pub h: Buffer<f32>,
     pub u: Buffer<T>,
-    /// F(u); unused with `identity_f`.
     pub y: Buffer<T>,
     pub x_out: Buffer<T>,
     /// dL/dx'.
     pub g: Buffer<T>,
-    /// dL/du; unused with `identity_f`.
+    /// dL/du.
     pub du: Buffer<T>,
     pub dx_post: Buffer<T>,
     pub dh_post: Buffer<f32>,
     pub dy: Buffer<T>,
+    /// pre's dx term (unused by the chained dynamic backward).
     pub dx_pre: Buffer<T>,
     pub dh_pre: Buffer<f32>,
     pub d_ext: Buffer<f32>,
+    /// Dynamic mode: the coefficient backward's dx, its own term (unchained) or the whole dx
+    /// (chained).
     pub dx_coeffs: Buffer<T>,
     pub dphi: Buffer<f32>,
     pub dalpha_b: Buffer<f32>,
+    rms_norm: Option<SublayerRmsNorm>,
     scratch: CoeffsScratch,
 }
 
 impl<T: DeviceElem> Sublayer<T> {
-    /// Uploads x [T, n, C], phi [nC, k] (empty in static mode) and alpha_b [3 + k]; allocates
-    /// the rest.
+    /// Uploads x [T, n, C], phi [nC, k] (empty in static mode), alpha_b [3 + k] and F's
+    /// parameters; allocates the rest.
     pub fn new(
         dev: &Device,
         shape: MhcShape,
-        identity_f: bool,
+        f: SublayerF,
+        chaining: Chaining,
         x: &[T],
         phi: &[f32],
         alpha_b: &[f32],
@@ -418,36 +515,57 @@ impl<T: DeviceElem> Sublayer<T> {
             )
         }
         let tokens = x.len() / d;
-        let unused = |len: usize| if identity_f { 0 } else { len };
+        let rms_norm = match f {
+            SublayerF::Given => None,
+            SublayerF::RmsNorm { gamma, eps } => {
+                if gamma.len() != c {
+                    bail!(
+                        "mhc sublayer: gamma has {} elements, expected C = {c}",
+                        gamma.len()
+                    )
+                }
+                Some(SublayerRmsNorm {
+                    norm: RmsNorm::new::<T>(dev, tokens, c, eps)?,
+                    gamma: dev.upload(gamma)?,
+                    dgamma: dev.alloc_out(c)?,
+                })
+            }
+        };
         let dynamic_len = |len: usize| if shape.dynamic { len } else { 0 };
+        let pre_dx_len = if shape.dynamic && chaining == Chaining::Chained {
+            0
+        } else {
+            tokens * d
+        };
         Ok(Self {
             shape,
             tokens,
-            identity_f,
+            chaining,
             x: dev.upload(x)?,
             phi: dev.upload(phi)?,
             alpha_b: dev.upload(alpha_b)?,
             ext: dev.alloc_out(tokens * (2 * k + 1))?,
             h: dev.alloc_out(tokens * k)?,
             u: dev.alloc_out(tokens * c)?,
-            y: dev.alloc(unused(tokens * c))?,
+            y: dev.alloc_out(tokens * c)?,
             x_out: dev.alloc_out(tokens * d)?,
             g: dev.alloc(tokens * d)?,
-            du: dev.alloc(unused(tokens * c))?,
+            du: dev.alloc_out(tokens * c)?,
             dx_post: dev.alloc_out(tokens * d)?,
             dh_post: dev.alloc_out(tokens * k)?,
             dy: dev.alloc_out(tokens * c)?,
-            dx_pre: dev.alloc_out(tokens * d)?,
+            dx_pre: dev.alloc_out(pre_dx_len)?,
             dh_pre: dev.alloc_out(tokens * k)?,
             d_ext: dev.zeros(tokens * (2 * k + 1))?,
             dx_coeffs: dev.alloc_out(dynamic_len(tokens * d))?,
             dphi: dev.alloc(dynamic_len(d * k))?,
             dalpha_b: dev.alloc(3 + k)?,
+            rms_norm,
             scratch: CoeffsScratch::new::<T>(dev, &shape, tokens)?,
         })
     }
 
-    /// ext, h and u = H_pre x.
+    /// ext, h, u = H_pre x, and y = F(u) when F runs on the device.
     pub fn forward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
         coeffs_forward(
@@ -461,26 +579,28 @@ impl<T: DeviceElem> Sublayer<T> {
             &mut self.scratch,
         )?;
         h_of_ext(shape, t, &self.ext, &mut self.h)?;
-        pre_forward(dev, shape, t, &self.x, &self.h, &mut self.u)
+        pre_forward(dev, shape, t, &self.x, &self.h, &mut self.u)?;
+        if let Some(f) = &self.rms_norm {
+            f.norm.forward(dev, &self.u, &f.gamma, &mut self.y)?;
+        }
+        Ok(())
     }
 
-    /// x' = H_res x + H_post y (y = u with `identity_f`).
+    /// x' = H_res x + H_post y.
     pub fn forward_post(&mut self, dev: &Device) -> Result<()> {
-        let y = if self.identity_f { &self.u } else { &self.y };
         post_forward(
             dev,
             &self.shape,
             self.tokens,
             &self.x,
             &self.h,
-            y,
+            &self.y,
             &mut self.x_out,
         )
     }
 
-    /// From g: dx_post, dh_post, dy.
+    /// From g: dx_post, dh_post, dy, and du (with dgamma) when F runs on the device.
     pub fn backward_post(&mut self, dev: &Device) -> Result<()> {
-        let y = if self.identity_f { &self.u } else { &self.y };
         let grads = PostGrads {
             dx: &mut self.dx_post,
             dh: &mut self.dh_post,
@@ -492,25 +612,37 @@ impl<T: DeviceElem> Sublayer<T> {
             self.tokens,
             &self.x,
             &self.h,
-            y,
+            &self.y,
             &self.g,
             grads,
-        )
+        )?;
+        if let Some(f) = &mut self.rms_norm {
+            f.norm.backward(
+                dev,
+                &self.u,
+                &f.gamma,
+                &self.dy,
+                &mut self.du,
+                &mut f.dgamma,
+            )?;
+        }
+        Ok(())
     }
 
-    /// From du (dy with `identity_f`): dx_pre, dh_pre, then d_ext and the coefficient backward
-    /// (dx_coeffs, dphi, dalpha_b).
+    /// From du: dh_pre (and pre's dx unless the chained dynamic backward folds it in), d_ext,
+    /// then the coefficient backward (dalpha_b; dynamic: dx_coeffs and dphi).
     pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
-        let du = if self.identity_f { &self.dy } else { &self.du };
+        let chained = shape.dynamic && self.chaining == Chaining::Chained;
+        let dx_pre = (!chained).then_some(&mut self.dx_pre);
         pre_backward(
             dev,
             shape,
             t,
             &self.x,
             &self.h,
-            du,
-            &mut self.dx_pre,
+            &self.du,
+            dx_pre,
             &mut self.dh_pre,
         )?;
         d_ext_of(shape, t, &self.dh_pre, &self.dh_post, &mut self.d_ext)?;
@@ -519,6 +651,11 @@ impl<T: DeviceElem> Sublayer<T> {
             dphi: &mut self.dphi,
             dalpha_b: &mut self.dalpha_b,
         };
+        let contributions = chained.then_some(DxContributions {
+            dx_post: &self.dx_post,
+            du: &self.du,
+            h: &self.h,
+        });
         coeffs_backward(
             dev,
             shape,
@@ -530,6 +667,21 @@ impl<T: DeviceElem> Sublayer<T> {
             &self.d_ext,
             &mut self.scratch,
             grads,
+            contributions,
         )
+    }
+
+    /// The buffers whose sum is dL/dx, in autograd's order (post, pre, coefficients).
+    pub fn dx_parts(&self) -> Vec<&Buffer<T>> {
+        match (self.shape.dynamic, self.chaining) {
+            (true, Chaining::Chained) => vec![&self.dx_coeffs],
+            (true, Chaining::Unchained) => vec![&self.dx_post, &self.dx_pre, &self.dx_coeffs],
+            (false, _) => vec![&self.dx_post, &self.dx_pre],
+        }
+    }
+
+    /// F's dgamma [C] (RMSNorm on the device only).
+    pub fn dgamma(&self) -> Option<&Buffer<f32>> {
+        self.rms_norm.as_ref().map(|f| &f.dgamma)
     }
 }

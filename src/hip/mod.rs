@@ -5,15 +5,18 @@
 //! CUDA layer uses too.
 //!
 //! - [`runtime`]: device, modules, buffers, checked launches, events.
-//! - [`mhc`]: the ops' launch sequences (as src/gpu/mhc.rs) and a whole sublayer's buffers.
+//! - [`mhc`]: the ops' launch sequences (as src/gpu/mhc.rs and src/gpu/chain.rs) and a whole
+//!   sublayer's buffers.
+//! - [`rms_norm`]: the fused RMSNorm's launches (as src/gpu/rms_norm.rs), F of the sublayer.
 //! - [`selftest`], [`apply`], [`bench`]: `mhc-train selftest|mhc-apply|bench --device hip`.
 //!
-//! Host data is plain `Vec<f32>` / `Vec<half::bf16>`; the oracle is the CPU code of
-//! `crate::mhc` (the candle-ops reference in f64 on the CPU, and RMSNorm on the host).
+//! Host data is plain `Vec<f32>` / `Vec<half::bf16>`; the oracle is the candle-ops reference in
+//! f64 on the CPU.
 
 pub mod apply;
 pub mod bench;
 pub mod mhc;
+pub mod rms_norm;
 pub mod runtime;
 pub mod selftest;
 

@@ -1,10 +1,13 @@
 //! The fused mHC kernels on an AMD GPU against the candle-ops reference in f64 on the CPU: the
 //! same cases, loss and bounds as the CUDA selftest (src/gpu/selftest.rs, spec/mhc.md "Numerics
 //! and tests"). Forward outputs (H, u, x') and every gradient (x, phi, alpha, b, y) of
-//! sum(W1 * x') + sum(W2 * u), relative error ||out - ref|| / ||ref|| below 1e-5 for f32 storage
-//! and 1e-2 for bf16, every output buffer NaN-poisoned first and every element checked finite.
+//! sum(W1 * x') + sum(W2 * u), for the unchained ops and the chained sublayer backward; the
+//! fused RMSNorm's y, dx and dgamma. Relative error ||out - ref|| / ||ref|| below 1e-5 for f32
+//! storage and 1e-2 for bf16, every output buffer NaN-poisoned first and every element checked
+//! finite.
 
-use super::mhc::Sublayer;
+use super::mhc::{Chaining, Sublayer, SublayerF};
+use super::rms_norm::RmsNorm;
 use super::runtime::{Device, DeviceElem};
 use crate::mhc::cpu::Elem;
 use crate::mhc::{reference, MhcShape};
@@ -14,7 +17,10 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::gpu::cases::{case_seed, cases, normal, rel_err, run_seed, Case, Tally};
+use crate::gpu::cases::{
+    case_seed, cases, normal, rel_err, rms_norm_errors, rms_norm_label, run_seed, Case,
+    RmsNormInputs, Tally, RMS_NORM_DIMS, RMS_NORM_EPS,
+};
 
 /// One case's inputs, x and y already rounded to the storage dtype (kept as f32 values), so
 /// both sides see the same numbers.
@@ -93,25 +99,24 @@ fn f64s<T: Elem>(v: &[T]) -> Vec<f64> {
 }
 
 /// The fused kernels on `dev`: forward, then the backward of the loss with dL/dx' = W1 and
-/// dL/du = W2 in the storage dtype (as autograd hands them to the ops), dx summed on the host.
-fn fused<T: DeviceElem + Elem>(dev: &Device, inp: &Inputs) -> Result<Results> {
+/// dL/du = W2 in the storage dtype (as autograd hands them to the ops), dx's parts summed on the
+/// host.
+fn fused<T: DeviceElem + Elem>(dev: &Device, inp: &Inputs, chaining: Chaining) -> Result<Results> {
     let to_t = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
     let alpha_b: Vec<f32> = inp.alpha.iter().chain(&inp.b).copied().collect();
-    let mut layer = Sublayer::new(dev, inp.shape, false, &to_t(&inp.x), &inp.phi, &alpha_b)?;
-    layer.y.copy_from_host(&to_t(&inp.y))?;
-    layer.g.copy_from_host(&to_t(&inp.w_post))?;
-    layer.du.copy_from_host(&to_t(&inp.w_pre))?;
+    let x = to_t(&inp.x);
+    let f = SublayerF::Given;
+    let mut layer = Sublayer::new(dev, inp.shape, f, chaining, &x, &inp.phi, &alpha_b)?;
     layer.forward_pre(dev)?;
+    layer.y.copy_from_host(&to_t(&inp.y))?;
     layer.forward_post(dev)?;
+    layer.g.copy_from_host(&to_t(&inp.w_post))?;
     layer.backward_post(dev)?;
+    layer.du.copy_from_host(&to_t(&inp.w_pre))?;
     layer.backward_pre(dev)?;
-    let mut dx = f64s(&layer.dx_post.to_host()?);
-    let mut parts = vec![layer.dx_pre.to_host()?];
-    if inp.shape.dynamic {
-        parts.push(layer.dx_coeffs.to_host()?);
-    }
-    for part in parts {
-        for (acc, v) in dx.iter_mut().zip(part) {
+    let mut dx = vec![0.0; x.len()];
+    for part in layer.dx_parts() {
+        for (acc, v) in dx.iter_mut().zip(part.to_host()?) {
             *acc += v.to_f32() as f64;
         }
     }
@@ -179,33 +184,65 @@ fn oracle(inp: &Inputs) -> Result<Results> {
     })
 }
 
-fn check_case(dev: &Device, case: &Case, seed: u64) -> Result<Vec<(&'static str, f64)>> {
-    let (fused, oracle) = match case.dtype {
-        DType::F32 => {
-            let inp = inputs::<f32>(case, seed);
-            (fused::<f32>(dev, &inp)?, oracle(&inp)?)
+/// The relative error of each output and gradient, for the unchained ops and then, with names
+/// prefixed "c", for the chained sublayer backward.
+fn check_case(dev: &Device, case: &Case, seed: u64) -> Result<Vec<(String, f64)>> {
+    let mut errors = Vec::new();
+    for (chaining, prefix) in [(Chaining::Unchained, ""), (Chaining::Chained, "c")] {
+        let (fused, oracle) = match case.dtype {
+            DType::F32 => {
+                let inp = inputs::<f32>(case, seed);
+                (fused::<f32>(dev, &inp, chaining)?, oracle(&inp)?)
+            }
+            DType::BF16 => {
+                let inp = inputs::<bf16>(case, seed);
+                (fused::<bf16>(dev, &inp, chaining)?, oracle(&inp)?)
+            }
+            other => bail!("selftest: storage dtype {other:?} is not supported"),
+        };
+        type Pair<'a> = (&'static str, Option<&'a [f64]>, Option<&'a [f64]>);
+        let pairs: [Pair; 8] = [
+            ("H", Some(&fused.h), Some(&oracle.h)),
+            ("u", Some(&fused.u), Some(&oracle.u)),
+            ("x'", Some(&fused.x_out), Some(&oracle.x_out)),
+            ("dx", Some(&fused.dx), Some(&oracle.dx)),
+            ("dphi", fused.dphi.as_deref(), oracle.dphi.as_deref()),
+            ("dalpha", fused.dalpha.as_deref(), oracle.dalpha.as_deref()),
+            ("db", Some(&fused.db), Some(&oracle.db)),
+            ("dy", Some(&fused.dy), Some(&oracle.dy)),
+        ];
+        for (name, a, b) in pairs {
+            errors.push((format!("{prefix}{name}"), rel_err(name, a, b)?));
         }
-        DType::BF16 => {
-            let inp = inputs::<bf16>(case, seed);
-            (fused::<bf16>(dev, &inp)?, oracle(&inp)?)
-        }
-        other => bail!("selftest: storage dtype {other:?} is not supported"),
-    };
-    type Pair<'a> = (&'static str, Option<&'a [f64]>, Option<&'a [f64]>);
-    let pairs: [Pair; 8] = [
-        ("H", Some(&fused.h), Some(&oracle.h)),
-        ("u", Some(&fused.u), Some(&oracle.u)),
-        ("x'", Some(&fused.x_out), Some(&oracle.x_out)),
-        ("dx", Some(&fused.dx), Some(&oracle.dx)),
-        ("dphi", fused.dphi.as_deref(), oracle.dphi.as_deref()),
-        ("dalpha", fused.dalpha.as_deref(), oracle.dalpha.as_deref()),
-        ("db", Some(&fused.db), Some(&oracle.db)),
-        ("dy", Some(&fused.dy), Some(&oracle.dy)),
+    }
+    Ok(errors)
+}
+
+/// One RMSNorm case on `dev` against the f64 oracle: y, dx and dgamma of sum(w * y).
+fn check_rms_norm<T: DeviceElem + Elem>(
+    dev: &Device,
+    dims: &[usize],
+    seed: u64,
+) -> Result<Vec<(&'static str, f64)>> {
+    let inp = RmsNormInputs::new(dims, <T as DeviceElem>::DTYPE, seed)?;
+    let c = inp.gamma.len();
+    let to_t = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
+    let mut norm = RmsNorm::new::<T>(dev, inp.x.len() / c, c, RMS_NORM_EPS)?;
+    let x = dev.upload(&to_t(&inp.x))?;
+    let gamma = dev.upload(&inp.gamma)?;
+    let mut y = dev.alloc_out::<T>(inp.x.len())?;
+    norm.forward(dev, &x, &gamma, &mut y)?;
+    // dL/dy = w in the storage dtype, as autograd hands it to the op.
+    let dy = dev.upload(&to_t(&inp.w))?;
+    let mut dx = dev.alloc_out::<T>(inp.x.len())?;
+    let mut dgamma = dev.alloc_out::<f32>(c)?;
+    norm.backward(dev, &x, &gamma, &dy, &mut dx, &mut dgamma)?;
+    let fused = [
+        f64s(&y.to_host()?),
+        f64s(&dx.to_host()?),
+        f64s(&dgamma.to_host()?),
     ];
-    pairs
-        .into_iter()
-        .map(|(name, a, b)| Ok((name, rel_err(name, a, b)?)))
-        .collect()
+    rms_norm_errors(&fused, &inp.oracle(dims)?)
 }
 
 /// Runs every case on AMD GPU 0 (inputs from `seed`, else a fresh one), one line per case and a
@@ -225,6 +262,14 @@ pub fn selftest(seed: Option<u64>) -> Result<()> {
             case.dtype,
             check_case(&dev, case, case_seed(run_seed, i)),
         );
+    }
+    for (i, dims) in RMS_NORM_DIMS.iter().enumerate() {
+        let seed = case_seed(run_seed, 1000 + i);
+        let label = |dtype| rms_norm_label(dims, dtype);
+        let f32_case = check_rms_norm::<f32>(&dev, dims, seed);
+        tally.record(&label(DType::F32), DType::F32, f32_case);
+        let bf16_case = check_rms_norm::<bf16>(&dev, dims, seed);
+        tally.record(&label(DType::BF16), DType::BF16, bf16_case);
     }
     tally.finish("hip selftest")
 }

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The GPU machine's whole check in one call: a lease is short and every call pays a machine start,
+# so the stages that belong together run back to back here, each under its own time limit, and
+# each leaves one log under the output folder ($OUT on the device tool; ./device-out elsewhere).
+#
+#   scripts/build-cuda.sh --tests --pack           # here, without a GPU
+#   scripts/device-check.sh selftest layers train  # there (carry .bin/mhc-cuda-bins.tar.xz)
+#
+# Stages (any order, each at most once; the table at the end sums them up):
+#   selftest   fused kernels vs the f64 reference on fresh inputs      -> selftest.log
+#   tests      the cuda-feature test executables (not the ignored)     -> tests.log
+#   layers     bench: the layer and op tables                          -> layers.md, layers.json
+#   train      bench --train on configs/small.toml (plain/ref/fused)   -> train.md
+#   agree      small.toml, 40 steps of fused and of reference mHC in
+#              micro-batches of one sequence (the reference's memory),
+#              their losses side by side                               -> agree.log
+#   ncu        Nsight Compute on the fused sublayer's kernels at
+#              T=1024 C=2560 and T=16384 C=1280                        -> ncu.txt
+# STAGE_LIMIT_S (default 300) bounds each stage; a stage that fails or runs out is reported and
+# the next one still runs. At most 8 files come back from $OUT, so the stages write no more.
+set -uo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+out="${OUT:-$repo_root/device-out}"
+mkdir -p "$out"
+limit="${STAGE_LIMIT_S:-300}"
+bin=.bin/mhc-train-cuda
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+if (($# == 0)); then
+  sed -n '2,18p' "${BASH_SOURCE[0]}"
+  exit 2
+fi
+for stage in "$@"; do
+  case "$stage" in
+    selftest | tests | layers | train | agree | ncu) ;;
+    *)
+      echo "device-check: unknown stage '$stage' (selftest tests layers train agree ncu)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+# Unpacks the carried archive and prints the GPU, driver and clocks; fails here, once, if the
+# binaries are missing or cannot load their libraries.
+scripts/gpu-run.sh "$bin" --version || exit 1
+run() { timeout --signal=INT --kill-after=20 "$limit" scripts/gpu-run.sh "$@"; }
+
+# The losses of two runs' metrics.jsonl, step by step, and the largest difference.
+compare_losses() {
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+def losses(path):
+    out = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "train/loss" in rec:
+                out[rec["step"]] = rec["train/loss"]
+    return out
+fused, reference = losses(sys.argv[1]), losses(sys.argv[2])
+steps = sorted(set(fused) & set(reference))
+print("| step | fused loss | reference loss | difference |")
+print("|---|---|---|---|")
+for s in steps:
+    print(f"| {s} | {fused[s]:.5f} | {reference[s]:.5f} | {fused[s] - reference[s]:+.5f} |")
+if steps:
+    print(f"largest |difference| over {len(steps)} logged steps: "
+          f"{max(abs(fused[s] - reference[s]) for s in steps):.5f}")
+EOF
+}
+
+declare -A result
+for stage in "$@"; do
+  start=$SECONDS
+  echo "== device-check: $stage (limit $limit s)"
+  case "$stage" in
+    selftest)
+      run "$bin" selftest 2>&1 | tee "$out/selftest.log"
+      ;;
+    tests)
+      status=0
+      for exe in .bin/test-*-cuda; do
+        echo "-- $exe" | tee -a "$out/tests.log"
+        run "$exe" --test-threads=1 2>&1 | tee -a "$out/tests.log" || status=1
+      done
+      ((status == 0))
+      ;;
+    layers)
+      run "$bin" bench --out "$work/layers" 2>&1 | tail -n 40 &&
+        cp "$work/layers/bench.md" "$out/layers.md" &&
+        cp "$work/layers/bench.json" "$out/layers.json"
+      ;;
+    train)
+      run "$bin" bench --train --config configs/small.toml --out "$work/train" 2>&1 | tail -n 40 &&
+        cp "$work/train/bench.md" "$out/train.md"
+      ;;
+    agree)
+      for impl in fused reference; do
+        run "$bin" --config configs/small.toml --set "name=\"agree-$impl\"" \
+          --set "run_dir=\"$work\"" --set model.mhc_impl="\"$impl\"" --set train.steps=40 \
+          --set train.grad_accum=16 --set log.every=1 --set log.eval_every=0 2>&1 | tail -n 5 || true
+      done
+      compare_losses "$work/agree-fused/metrics.jsonl" "$work/agree-reference/metrics.jsonl" |
+        tee "$out/agree.log"
+      ;;
+    ncu)
+      # The ignored bench test times each fused kernel of the chained sublayer alone
+      # (MHC_BENCH_OPS_ONLY); ncu reads the counters of the first launches of each.
+      : >"$out/ncu.txt"
+      for size in "1024 2560" "16384 1280"; do
+        read -r tokens width <<<"$size"
+        echo "-- T=$tokens C=$width" >>"$out/ncu.txt"
+        MHC_BENCH_OPS_ONLY=1 MHC_BENCH_TOKENS=$tokens MHC_BENCH_WIDTHS=$width \
+          run ncu --clock-control none --kernel-name 'regex:mhc_|rms_norm' --launch-count 24 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section MemoryWorkloadAnalysis --csv --page details \
+          .bin/test-gpu_mhc-cuda bench_fused_vs_reference --ignored --exact >>"$out/ncu.txt" 2>&1
+      done
+      ;;
+  esac
+  code=$?
+  result[$stage]="$( ((code == 0)) && echo ok || echo "FAILED (exit $code)") in $((SECONDS - start)) s"
+done
+
+echo "== device-check summary (outputs in $out)"
+for stage in "$@"; do
+  echo "$stage: ${result[$stage]}"
+done
