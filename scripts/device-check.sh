@@ -8,7 +8,7 @@
 #
 # Stages (any order, each at most once; the table at the end sums them up):
 #   selftest   fused kernels vs the f64 reference on fresh inputs      -> selftest.log
-#   tests      the cuda-feature test executables (not the ignored)     -> tests.log
+#   tests      the GPU test executables (tests/gpu_*.rs, not ignored)  -> tests.log
 #   layers     bench: the layer and op tables                          -> layers.md, layers.json
 #   train      bench --train on configs/small.toml (plain/ref/fused)   -> train.md
 #   agree      small.toml, 40 steps of fused and of reference mHC in
@@ -82,7 +82,7 @@ for stage in "$@"; do
       ;;
     tests)
       status=0
-      for exe in .bin/test-*-cuda; do
+      for exe in .bin/test-gpu_*-cuda; do
         echo "-- $exe" | tee -a "$out/tests.log"
         run "$exe" --test-threads=1 2>&1 | tee -a "$out/tests.log" || status=1
       done
@@ -107,14 +107,15 @@ for stage in "$@"; do
         tee "$out/agree.log"
       ;;
     ncu)
-      # The ignored bench test times each fused kernel of the chained sublayer alone
-      # (MHC_BENCH_OPS_ONLY); ncu reads the counters of the first launches of each.
+      # The ignored bench test times each fused op alone (MHC_BENCH_OPS_ONLY), bf16 first; with
+      # one timed call per op (2 warm-up calls before it) the first 90 matching launches cover
+      # every bf16 kernel of the sublayer.
       : >"$out/ncu.txt"
       for size in "1024 2560" "16384 1280"; do
         read -r tokens width <<<"$size"
         echo "-- T=$tokens C=$width" >>"$out/ncu.txt"
-        MHC_BENCH_OPS_ONLY=1 MHC_BENCH_TOKENS=$tokens MHC_BENCH_WIDTHS=$width \
-          run ncu --clock-control none --kernel-name 'regex:mhc_|rms_norm' --launch-count 24 \
+        MHC_BENCH_OPS_ONLY=1 MHC_BENCH_REPS=1 MHC_BENCH_TOKENS=$tokens MHC_BENCH_WIDTHS=$width \
+          run ncu --clock-control none --kernel-name 'regex:mhc_|rms_norm' --launch-count 90 \
           --section SpeedOfLight --section Occupancy --section LaunchStats \
           --section MemoryWorkloadAnalysis --csv --page details \
           .bin/test-gpu_mhc-cuda bench_fused_vs_reference --ignored --exact >>"$out/ncu.txt" 2>&1
