@@ -115,7 +115,7 @@ compile() {
     gfx*)
       "${cmd[@]}" -c "$src" -o "$object" || return 1
       # The code object must be for the asked architecture ("Flags: 0x54C, gfx942, xnack, sramecc").
-      llvm-readelf-19 -h "$object" | grep -E '^\s*Flags:' | grep -qw "$target" || {
+      grep -E '^\s*Flags:' <<<"$(llvm-readelf-19 -h "$object")" | grep -qw "$target" || {
         echo "check-kernels: $object is not a $target code object" >&2
         return 1
       }
@@ -150,11 +150,16 @@ for src in "${sources[@]}"; do
     fi
     mapfile -t found < <(object_kernels "$target" "$object")
     echo "   $target: ${found[*]:-(no kernels)}"
+    # A set lookup, not `printf | grep -q`: under pipefail grep's early exit can kill printf with
+    # SIGPIPE and report a present kernel as missing (it did, in CI).
+    declare -A in_object=()
+    for name in "${found[@]}"; do in_object[$name]=1; done
     for name in "${declared[@]}"; do
-      if ! printf '%s\n' "${found[@]}" | grep -qx "$name"; then
+      if [[ -z "${in_object[$name]:-}" ]]; then
         failures+=("$src: kernel $name missing from the $target object")
       fi
     done
+    unset in_object
   done
 done
 

@@ -14,7 +14,7 @@ bitcode_dir="$repo_root/.toolchain/rocm-bitcode"
 
 missing=()
 for pkg in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" == *'install ok installed'* ]] || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
   sudo=()
@@ -40,7 +40,8 @@ if [[ ! -f "$isa_942" || -L "$isa_942" ]]; then
   rm -f "$isa_942"
   llvm-dis-19 "$system_bitcode/oclc_isa_version_940.bc" -o - |
     sed 's/i32 9400/i32 9402/' | llvm-as-19 -o "$isa_942"
-  llvm-dis-19 "$isa_942" -o - | grep -q 'i32 9402' || {
+  # Not `llvm-dis | grep -q`: grep's early exit would fail the pipe under pipefail.
+  [[ "$(llvm-dis-19 "$isa_942" -o -)" == *'i32 9402'* ]] || {
     echo "setup-hip: rewriting the ISA version to 9402 failed" >&2
     exit 1
   }
