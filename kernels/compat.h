@@ -13,21 +13,33 @@
 // - MHC_NVIDIA: 1 under nvcc, 0 under HIP (for tuning hints that only mean something on one).
 // - MHC_TENSOR_CORES: 1 where the bf16 WMMA API (<mma.h>, sm_80+) is available (nvcc), 0 on HIP,
 //   whose kernels take the FFMA path instead (same results within the spec's bounds).
+//
+// MHC_EMULATE (kernels/emulator): the same kernels as plain C++ on the CPU, with AMD's 64-lane
+// waves and the HIP paths (FFMA, plain copies), so CI runs the AMD code without an AMD GPU.
 #pragma once
 
-#if defined(__HIP__) || defined(__HIPCC__)
+#if defined(__HIP__) || defined(__HIPCC__) || defined(MHC_EMULATE)
 
+#if defined(MHC_EMULATE)
+#include "emulator/device.h"
+typedef emu::bf16 mhc_bf16;
+#define MHC_WAVE emu::WAVE
+__device__ __forceinline__ float mhc_bf16_to_f32(mhc_bf16 v) { return emu::bf16_to_f32(v); }
+__device__ __forceinline__ mhc_bf16 mhc_f32_to_bf16(float v) { return emu::f32_to_bf16(v); }
+__device__ __forceinline__ float mhc_shfl_xor(float v, int lane_mask) { return emu::shuffle_xor(v, lane_mask); }
+#else
 #include <hip/hip_runtime.h>
 #include <hip/hip_bfloat16.h>
-
 typedef hip_bfloat16 mhc_bf16;
 #define MHC_WAVE 64
-#define MHC_NVIDIA 0
-#define MHC_TENSOR_CORES 0
-
 __device__ __forceinline__ float mhc_bf16_to_f32(mhc_bf16 v) { return static_cast<float>(v); }
 __device__ __forceinline__ mhc_bf16 mhc_f32_to_bf16(float v) { return mhc_bf16(v); }
 __device__ __forceinline__ float mhc_shfl_xor(float v, int lane_mask) { return __shfl_xor(v, lane_mask); }
+#endif
+
+#define MHC_NVIDIA 0
+#define MHC_TENSOR_CORES 0
+
 // `valid` false writes zeros (src is not read).
 __device__ __forceinline__ void mhc_copy16_async(void* dst_shared, const void* src, bool valid) {
     *reinterpret_cast<uint4*>(dst_shared) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);

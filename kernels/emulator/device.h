@@ -1,0 +1,46 @@
+// The CUDA dialect of kernels/*.cu as plain C++ on the CPU, for the emulated AMD GPU
+// (kernels/emulator/runtime.cpp): included by compat.h when MHC_EMULATE is defined.
+//
+// Execution model, as on the GPU: a launch runs its blocks one after another, and every thread
+// of a block as its own OS thread, so the threads of a block really run concurrently and meet at
+// barriers. `__syncthreads` is a barrier over the block's live threads; a wave shuffle is a
+// barrier over the live lanes of the wave around an exchange of values. Waves are
+// emu::WAVE = 64 lanes (AMD gfx9), so code that assumes 32 computes wrong sums here.
+// `__shared__` variables become function statics: one copy, reused by each block in turn
+// (blocks never overlap).
+//
+// Faults the GPU would leave undefined stop the process with a message instead: a shuffle from a
+// lane that does not exist or has returned.
+#pragma once
+
+#include "threads.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+inline void __syncthreads() { emu::sync_block(); }
+
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline double __longlong_as_double(long long v) {
+    double d;
+    std::memcpy(&d, &v, 8);
+    return d;
+}
+inline float atomicAdd(float* address, float v) { return std::atomic_ref<float>(*address).fetch_add(v); }
+
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
