@@ -2,15 +2,15 @@
 // (kernels/emulator/runtime.cpp): included by compat.h when MHC_EMULATE is defined.
 //
 // Execution model, as on the GPU: a launch runs its blocks one after another, and every thread
-// of a block as its own OS thread, so the threads of a block really run concurrently and meet at
-// barriers. `__syncthreads` is a barrier over the block's live threads; a wave shuffle is a
-// barrier over the live lanes of the wave around an exchange of values. Waves are
+// of a block as its own fiber (kernels/emulator/runtime.cpp), so the threads of a block
+// interleave and meet at barriers. `__syncthreads` waits for the block's live threads; a wave
+// shuffle waits for the live lanes of the wave, around an exchange of values. Waves are
 // emu::WAVE = 64 lanes (AMD gfx9), so code that assumes 32 computes wrong sums here.
 // `__shared__` variables become function statics: one copy, reused by each block in turn
 // (blocks never overlap).
 //
 // Faults the GPU would leave undefined stop the process with a message instead: a shuffle from a
-// lane that does not exist or has returned.
+// lane that does not exist or has returned, threads of a block waiting at different barriers.
 #pragma once
 
 #include "threads.h"

@@ -15,7 +15,7 @@
 #include <elf.h>
 
 #include <chrono>
-#include <condition_variable>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -24,7 +24,6 @@
 #include <mutex>
 #include <set>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "threads.h"
@@ -34,8 +33,12 @@ namespace emu {
 
 constexpr int COMPUTE_UNITS = 4;
 constexpr int MAX_THREADS_PER_BLOCK = 1024;
-// A barrier that waits longer than this means the block's threads took different paths.
-constexpr auto BARRIER_TIMEOUT = std::chrono::seconds(120);
+// Each thread of a block is a fiber (its own stack); the block's fibers take turns on the calling
+// OS thread until each one waits at a barrier or returns. Barriers are where they meet: when
+// every live thread of the block waits at __syncthreads, or every live lane of a wave waits at
+// its shuffle, those threads run again. Deterministic, and cheap enough (one stack switch per
+// thread per barrier) to run the selftest's cases in minutes.
+constexpr std::size_t FIBER_STACK = 256 << 10;
 
 [[noreturn]] void fault(const std::string& what) {
     std::fprintf(stderr, "hip-emulator: kernel fault: %s\n", what.c_str());
@@ -43,73 +46,78 @@ constexpr auto BARRIER_TIMEOUT = std::chrono::seconds(120);
     std::abort();
 }
 
-// A counting barrier whose participants can leave (threads that return from the kernel).
-class Barrier {
-  public:
-    explicit Barrier(int participants) : expected_(participants) {}
-    void arrive_and_wait(const char* what) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        const unsigned long long phase = phase_;
-        if (++arrived_ == expected_) {
-            release();
-            return;
-        }
-        if (!released_.wait_for(lock, BARRIER_TIMEOUT, [&] { return phase_ != phase; }))
-            fault(std::string(what) + " never completed: threads of a block diverged around it");
-    }
-    void leave() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        --expected_;
-        if (arrived_ > 0 && arrived_ == expected_) release();
-    }
+#if !defined(__x86_64__)
+#error "the emulator's fiber switch (emu_switch_stack) is written for x86-64"
+#endif
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *from,
+// loads `to` and pops the registers saved there: a switch between fibers. glibc's swapcontext
+// does the same plus a signal-mask system call per switch, which was most of the run time.
+extern "C" void emu_switch_stack(void** from, void* to);
+asm(R"(
+    .text
+    .globl emu_switch_stack
+    .type emu_switch_stack, @function
+emu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch_stack, .-emu_switch_stack
+)");
 
-  private:
-    void release() {
-        arrived_ = 0;
-        ++phase_;
-        released_.notify_all();
-    }
-    std::mutex mutex_;
-    std::condition_variable released_;
-    int expected_, arrived_ = 0;
-    unsigned long long phase_ = 0;
-};
+enum class State { Runnable, AtBlockBarrier, AtWaveBarrier, Done };
 
-struct Wave {
-    explicit Wave(int lanes) : lanes(lanes), barrier(lanes), alive(lanes, 1) {}
-    int lanes;
-    Barrier barrier;
-    float slot[WAVE] = {};
-    std::vector<char> alive;
+struct Fiber {
+    void* sp = nullptr;  // saved stack pointer while switched out
+    char* stack = nullptr;
+    State state = State::Runnable;
+    int linear = 0;
 };
 
 struct Block {
-    explicit Block(int threads) : barrier(threads) {
-        for (int first = 0; first < threads; first += WAVE)
-            waves.push_back(std::make_unique<Wave>(std::min(WAVE, threads - first)));
-    }
-    Barrier barrier;
-    std::vector<std::unique_ptr<Wave>> waves;
+    std::vector<Fiber> fibers;
+    int waves = 0;
+    float slot[MAX_THREADS_PER_BLOCK] = {};  // shuffle values, by thread
+    void* scheduler_sp = nullptr;
 };
 
 thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
 thread_local Block* current_block = nullptr;
-thread_local int current_lane = 0, current_wave = 0;
+thread_local Fiber* current_fiber = nullptr;
 
-void sync_block() { current_block->barrier.arrive_and_wait("__syncthreads"); }
+// Back to the scheduler, in state `state`, until it makes this fiber runnable again.
+void block_on(State state) {
+    current_fiber->state = state;
+    emu_switch_stack(&current_fiber->sp, current_block->scheduler_sp);
+}
+
+void sync_block() { block_on(State::AtBlockBarrier); }
 
 float shuffle_xor(float v, int lane_mask) {
-    Wave& wave = *current_block->waves[current_wave];
-    const int source = current_lane ^ lane_mask;
-    if (source < 0 || source >= wave.lanes)
-        fault("shuffle from lane " + std::to_string(source) + " of a wave of " + std::to_string(wave.lanes) +
-              " lanes");
-    wave.slot[current_lane] = v;
-    wave.barrier.arrive_and_wait("a wave shuffle");
-    // Past the barrier every live lane has written its slot; a lane that returned has not.
-    if (!wave.alive[source]) fault("shuffle from lane " + std::to_string(source) + ", which has returned");
-    const float value = wave.slot[source];
-    wave.barrier.arrive_and_wait("a wave shuffle");
+    Block& block = *current_block;
+    const int lane = current_fiber->linear % WAVE, first = current_fiber->linear - lane;
+    const int lanes = std::min<int>(WAVE, int(block.fibers.size()) - first);
+    const int source = lane ^ lane_mask;
+    if (source < 0 || source >= lanes)
+        fault("shuffle from lane " + std::to_string(source) + " of a wave of " + std::to_string(lanes) + " lanes");
+    block.slot[current_fiber->linear] = v;
+    block_on(State::AtWaveBarrier);
+    // Every live lane of the wave has written its slot; a lane that returned has not.
+    if (block.fibers[first + source].state == State::Done)
+        fault("shuffle from lane " + std::to_string(source) + ", which has returned");
+    const float value = block.slot[first + source];
+    block_on(State::AtWaveBarrier);  // nobody overwrites a slot before every lane has read
     return value;
 }
 
@@ -123,33 +131,111 @@ const Kernel* find_kernel(const std::string& name) {
     return it == registry().end() ? nullptr : &it->second;
 }
 
-// Runs every block of the grid in turn, each block's threads concurrently.
-void run_grid(const Kernel& kernel, const Arguments& args, dim3 grid, dim3 block) {
-    const int threads = int(block.x * block.y * block.z);
+thread_local const Kernel* running_kernel = nullptr;
+thread_local const Arguments* running_args = nullptr;
+
+// Where a fresh fiber starts (entered by emu_switch_stack's `ret`); it never returns: once the
+// kernel returns, the fiber is done and switches back to the scheduler for good.
+[[noreturn]] void fiber_entry() {
+    running_kernel->run(*running_args);
+    block_on(State::Done);
+    fault("a finished thread was resumed");
+}
+
+// A stack that emu_switch_stack enters at fiber_entry: six zero registers to pop, fiber_entry as
+// the return address, and above it a dummy return address of fiber_entry's own, so that its
+// frame starts 8 bytes off 16-byte alignment as after a call (the x86-64 ABI).
+void* fresh_stack(char* stack) {
+    auto top = reinterpret_cast<std::uintptr_t>(stack + FIBER_STACK) & ~std::uintptr_t(15);
+    auto* words = reinterpret_cast<void**>(top);
+    words[-1] = nullptr;
+    words[-2] = reinterpret_cast<void*>(&fiber_entry);
+    for (int r = 3; r <= 8; ++r) words[-r] = nullptr;
+    return &words[-8];
+}
+
+// Releases the threads waiting at a barrier that every live thread concerned has reached:
+// the block's, or a wave's. False when none could be released.
+bool release_barriers(Block& block) {
+    bool released = false;
+    bool all_at_block = true, any_at_block = false;
+    for (auto& f : block.fibers) {
+        if (f.state == State::Done) continue;
+        all_at_block &= f.state == State::AtBlockBarrier;
+        any_at_block |= f.state == State::AtBlockBarrier;
+    }
+    if (all_at_block && any_at_block) {
+        for (auto& f : block.fibers)
+            if (f.state == State::AtBlockBarrier) f.state = State::Runnable;
+        return true;
+    }
+    for (int w = 0; w < block.waves; ++w) {
+        const int first = w * WAVE, last = std::min<int>(first + WAVE, int(block.fibers.size()));
+        bool all_at_wave = true, any_at_wave = false;
+        for (int i = first; i < last; ++i) {
+            const State st = block.fibers[i].state;
+            if (st == State::Done) continue;
+            all_at_wave &= st == State::AtWaveBarrier;
+            any_at_wave |= st == State::AtWaveBarrier;
+        }
+        if (all_at_wave && any_at_wave) {
+            for (int i = first; i < last; ++i)
+                if (block.fibers[i].state == State::AtWaveBarrier) block.fibers[i].state = State::Runnable;
+            released = true;
+        }
+    }
+    return released;
+}
+
+void run_block(Block& block) {
+    for (;;) {
+        bool ran = false, live = false;
+        for (auto& f : block.fibers) {
+            if (f.state == State::Done) continue;
+            live = true;
+            if (f.state != State::Runnable) continue;
+            current_fiber = &f;
+            thread_idx = {f.linear % block_dim.x, f.linear / block_dim.x % block_dim.y,
+                          f.linear / (block_dim.x * block_dim.y)};
+            emu_switch_stack(&block.scheduler_sp, f.sp);
+            ran = true;
+        }
+        if (!live) return;
+        if (!release_barriers(block) && !ran)
+            fault("threads of a block wait at different barriers (__syncthreads and a wave shuffle)");
+    }
+}
+
+// The fibers' stacks, kept for the next launch (allocating them per launch cost page faults).
+thread_local std::vector<std::unique_ptr<char[]>> stacks;
+
+// Runs every block of the grid in turn.
+void run_grid(const Kernel& kernel, const Arguments& args, dim3 grid, dim3 block_shape) {
+    const int threads = int(block_shape.x * block_shape.y * block_shape.z);
+    while (int(stacks.size()) < threads) stacks.emplace_back(new char[FIBER_STACK]);
+    Block block;
+    block.fibers.resize(threads);
+    block.waves = (threads + WAVE - 1) / WAVE;
+    for (int i = 0; i < threads; ++i) {
+        block.fibers[i].linear = i;
+        block.fibers[i].stack = stacks[i].get();
+    }
+    running_kernel = &kernel;
+    running_args = &args;
+    current_block = &block;
+    block_dim = block_shape;
+    grid_dim = grid;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
-                Block state(threads);
-                std::vector<std::thread> pool;
-                pool.reserve(threads);
-                for (int linear = 0; linear < threads; ++linear) {
-                    pool.emplace_back([&, linear] {
-                        thread_idx = {linear % block.x, linear / block.x % block.y, linear / (block.x * block.y)};
-                        block_idx = {bx, by, bz};
-                        block_dim = block;
-                        grid_dim = grid;
-                        current_block = &state;
-                        current_lane = linear % WAVE;
-                        current_wave = linear / WAVE;
-                        kernel.run(args);
-                        Wave& wave = *state.waves[current_wave];
-                        wave.alive[current_lane] = 0;
-                        wave.barrier.leave();
-                        state.barrier.leave();
-                    });
+                block_idx = {bx, by, bz};
+                for (auto& f : block.fibers) {
+                    f.state = State::Runnable;
+                    f.sp = fresh_stack(f.stack);
                 }
-                for (auto& t : pool) t.join();
+                run_block(block);
             }
+    current_block = nullptr;
 }
 
 // The kernel names an AMD GPU code object defines: its `NAME.kd` kernel descriptors. Empty when
