@@ -435,3 +435,76 @@ fn training_bench_reports_every_variant() {
             .exists());
     }
 }
+
+/// Torchrun-style workers (no launcher watching them): when rank 1 is killed mid-run, rank 0
+/// ends on its own within seconds with an error naming rank 1 (no hang), and the checkpoint it
+/// saved before stays whole: `eval` loads it.
+#[test]
+fn a_killed_worker_ends_the_other_naming_it_and_the_checkpoint_stays_whole() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut config = small_config(d, "killed", Residual::Mhc);
+    config.train.steps = 1_000_000; // runs until rank 1 is killed
+    config.log.ckpt_every = 2;
+    config.log.every = 1_000;
+    let file = config_file(d, &config);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let spawn = |rank: &str| {
+        let log = std::fs::File::create(d.join(format!("rank{rank}.log"))).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_mhc-train"))
+            .args(["--config", &file])
+            .envs([
+                ("RANK", rank),
+                ("LOCAL_RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port),
+            ])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let (mut rank0, mut rank1) = (spawn("0"), spawn("1"));
+    let run = d.join("runs").join("killed");
+    let started = Instant::now();
+    // Wait for a second checkpoint, so the kill lands mid-run, after saves.
+    while checkpoint::list(&run).map_or(0, |l| l.len()) < 2 {
+        if started.elapsed() > Duration::from_secs(300) || rank0.try_wait().unwrap().is_some() {
+            let _ = (rank0.kill(), rank1.kill());
+            panic!(
+                "no checkpoints: {}",
+                std::fs::read_to_string(d.join("rank0.log")).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(status) = rank0.try_wait().unwrap() {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            rank0.kill().unwrap();
+            panic!("rank 0 still running 60 s after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(d.join("rank0.log")).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("rank 1 closed its connection"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let latest = checkpoint::latest(&run).unwrap().unwrap();
+    let (ok, eval_err) = cli(&["eval", "--checkpoint", &latest.display().to_string()], d);
+    assert!(ok, "{eval_err}");
+}

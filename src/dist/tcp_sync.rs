@@ -11,7 +11,7 @@
 //! buckets on one connection), and candle's backward returns all gradients at once, so there is
 //! no backward to overlap with.
 
-use super::rendezvous::{peer_error, recv_exact, recv_frame, send_all, send_frame, Links, Peers};
+use super::rendezvous::{describe, recv_exact, recv_frame, send_all, send_frame, Links, Peers};
 use super::GradSync;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -36,6 +36,12 @@ pub struct TcpSync {
     timeout: Duration,
 }
 
+/// A wait on `peer` that failed. The message does not name this rank: the trainer's error
+/// context does ("rank N: stopped; ...").
+fn lost(peer: usize, e: &std::io::Error, timeout: Duration) -> anyhow::Error {
+    anyhow::anyhow!("rank {peer} {}", describe(e, timeout))
+}
+
 impl TcpSync {
     pub fn new(links: Links, timeout: Duration) -> TcpSync {
         TcpSync { links, timeout }
@@ -51,23 +57,21 @@ impl TcpSync {
         combine: impl FnOnce(&[Vec<u8>]) -> std::result::Result<Vec<u8>, String>,
     ) -> Result<Vec<u8>> {
         let deadline = Instant::now() + self.timeout;
-        let (rank, timeout) = (self.links.rank(), self.timeout);
+        let timeout = self.timeout;
         match &mut self.links.peers {
             Peers::Leaf(stream) => {
                 let mut header = vec![op as u8];
                 header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
                 send_all(stream, &header, deadline)
                     .and_then(|()| send_all(stream, payload, deadline))
-                    .map_err(|e| peer_error(rank, 0, &e, timeout))?;
+                    .map_err(|e| lost(0, &e, timeout))?;
                 let mut status = [0u8];
-                recv_exact(stream, &mut status, deadline)
-                    .map_err(|e| peer_error(rank, 0, &e, timeout))?;
-                let body =
-                    recv_frame(stream, deadline).map_err(|e| peer_error(rank, 0, &e, timeout))?;
+                recv_exact(stream, &mut status, deadline).map_err(|e| lost(0, &e, timeout))?;
+                let body = recv_frame(stream, deadline).map_err(|e| lost(0, &e, timeout))?;
                 if status[0] == OK {
                     Ok(body)
                 } else {
-                    bail!("rank {rank}: {}", String::from_utf8_lossy(&body))
+                    bail!("{}", String::from_utf8_lossy(&body))
                 }
             }
             Peers::Root(streams) => {
@@ -82,7 +86,7 @@ impl TcpSync {
                             break;
                         }
                         Err(e) => {
-                            failure = Some(peer_error(0, peer, &e, timeout).to_string());
+                            failure = Some(lost(peer, &e, timeout).to_string());
                             break;
                         }
                     }
@@ -101,12 +105,12 @@ impl TcpSync {
                     // After a failure the others are told on a best-effort basis: the dead rank
                     // is the error to report, not a second one while telling the rest.
                     if let (Err(e), OK) = (sent, status) {
-                        return Err(peer_error(0, index + 1, &e, timeout));
+                        return Err(lost(index + 1, &e, timeout));
                     }
                 }
                 match result {
                     Ok(bytes) => Ok(bytes),
-                    Err(message) => bail!("rank 0: {message}"),
+                    Err(message) => bail!("{message}"),
                 }
             }
         }
