@@ -1,8 +1,9 @@
 //! The selftest cases shared by every launch layer (CUDA and HIP): the same shapes, logit scales
 //! and tolerances on each vendor, and the random inputs drawn the same way.
 
+use crate::mhc::{reference, MhcShape};
 use candle_core::{DType, Device, Tensor, Var, D};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -170,6 +171,148 @@ pub fn cases() -> Vec<Case> {
         });
     }
     cases
+}
+
+/// One mHC case's inputs, on the host: x and y rounded to the storage dtype (kept as f32
+/// values, so the fused side and the f64 oracle see the same numbers); parameters and the loss
+/// weights W1 (`w_post`, of x') and W2 (`w_pre`, of u) in f32.
+pub struct MhcInputs {
+    pub shape: MhcShape,
+    pub tokens: usize,
+    pub x: Vec<f32>,
+    pub y: Vec<f32>,
+    /// [nC, k]; None in static mode.
+    pub phi: Option<Vec<f32>>,
+    pub alpha: Vec<f32>,
+    pub b: Vec<f32>,
+    pub w_post: Vec<f32>,
+    pub w_pre: Vec<f32>,
+}
+
+/// Forward outputs and gradients of one implementation, as f64 (None: not produced).
+pub struct MhcResults {
+    pub h: Vec<f64>,
+    pub u: Vec<f64>,
+    pub x_out: Vec<f64>,
+    pub dx: Vec<f64>,
+    pub dphi: Option<Vec<f64>>,
+    pub dalpha: Option<Vec<f64>>,
+    pub db: Vec<f64>,
+    pub dy: Vec<f64>,
+}
+
+impl MhcInputs {
+    pub fn new(case: &Case, seed: u64) -> anyhow::Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (t, n, c) = (case.tokens, case.streams, case.width);
+        let shape = MhcShape {
+            streams: n,
+            width: c,
+            sinkhorn_iters: 20,
+            dynamic: case.dynamic,
+        };
+        let k = shape.k();
+        let stored = |v: Vec<f32>| -> anyhow::Result<Vec<f32>> {
+            let len = v.len();
+            Ok(Tensor::from_vec(v, len, &Device::Cpu)?
+                .to_dtype(case.dtype)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        };
+        let x = stored(normal(&mut rng, t * n * c, 1.0))?;
+        let y = stored(normal(&mut rng, t * c, 1.0))?;
+        let w_post = normal(&mut rng, t * n * c, 1.0);
+        let w_pre = normal(&mut rng, t * c, 1.0);
+        // phi ~ N(0, 1/(nC)) makes P / r ~ N(0, 1); alpha = scale (+-20% per group) sets the
+        // logits' size, b ~ N(0, scale^2) likewise.
+        let phi = case
+            .dynamic
+            .then(|| normal(&mut rng, n * c * k, (1.0 / (n * c) as f64).sqrt()));
+        let alpha: Vec<f32> = if case.dynamic {
+            (0..3)
+                .map(|_| (case.scale * rng.random_range(0.8..1.2)) as f32)
+                .collect()
+        } else {
+            vec![0.0; 3]
+        };
+        let b = normal(&mut rng, k, case.scale);
+        Ok(Self {
+            shape,
+            tokens: t,
+            x,
+            y,
+            phi,
+            alpha,
+            b,
+            w_post,
+            w_pre,
+        })
+    }
+
+    /// The candle-ops reference (`mhc::reference`) in f64 on the CPU, gradients of
+    /// sum(W1 * x') + sum(W2 * u) by autograd.
+    pub fn oracle(&self) -> anyhow::Result<MhcResults> {
+        let shape = &self.shape;
+        let (t, n, c, k) = (self.tokens, shape.streams, shape.width, shape.k());
+        let cpu = &Device::Cpu;
+        let f64_tensor = |v: &[f32], dims: &[usize]| -> anyhow::Result<Tensor> {
+            Ok(Tensor::from_slice(v, dims, cpu)?.to_dtype(DType::F64)?)
+        };
+        let var = |v: &[f32], dims: &[usize]| -> anyhow::Result<Var> {
+            Ok(Var::from_tensor(&f64_tensor(v, dims)?)?)
+        };
+        let x = var(&self.x, &[t, n, c])?;
+        let y = var(&self.y, &[t, c])?;
+        let phi = self.phi.as_ref().map(|p| var(p, &[n * c, k])).transpose()?;
+        let alpha = var(&self.alpha, &[3])?;
+        let b = var(&self.b, &[k])?;
+        let h = reference::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
+        let u = reference::pre(&x, &h, shape)?;
+        let x_out = reference::post(&x, &h, &y, shape)?;
+        let loss = ((&x_out * f64_tensor(&self.w_post, &[t, n, c])?)?.sum_all()?
+            + (&u * f64_tensor(&self.w_pre, &[t, c])?)?.sum_all()?)?;
+        let grads = loss.backward()?;
+        let flat = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
+        let grad =
+            |v: &Var| -> anyhow::Result<Option<Vec<f64>>> { grads.get(v).map(flat).transpose() };
+        let needed = |v: &Var, name: &str| -> anyhow::Result<Vec<f64>> {
+            grad(v)?.ok_or_else(|| anyhow::anyhow!("{name} has no gradient"))
+        };
+        Ok(MhcResults {
+            h: flat(&h)?,
+            u: flat(&u)?,
+            x_out: flat(&x_out)?,
+            dx: needed(&x, "x")?,
+            dphi: phi.as_ref().map(grad).transpose()?.flatten(),
+            dalpha: grad(&alpha)?,
+            db: needed(&b, "b")?,
+            dy: needed(&y, "y")?,
+        })
+    }
+}
+
+/// The relative error of each output and gradient of `fused` against `oracle`, with `prefix`
+/// before each name.
+pub fn mhc_errors(
+    prefix: &str,
+    fused: &MhcResults,
+    oracle: &MhcResults,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    type Pair<'a> = (&'static str, Option<&'a [f64]>, Option<&'a [f64]>);
+    let pairs: [Pair; 8] = [
+        ("H", Some(&fused.h), Some(&oracle.h)),
+        ("u", Some(&fused.u), Some(&oracle.u)),
+        ("x'", Some(&fused.x_out), Some(&oracle.x_out)),
+        ("dx", Some(&fused.dx), Some(&oracle.dx)),
+        ("dphi", fused.dphi.as_deref(), oracle.dphi.as_deref()),
+        ("dalpha", fused.dalpha.as_deref(), oracle.dalpha.as_deref()),
+        ("db", Some(&fused.db), Some(&oracle.db)),
+        ("dy", Some(&fused.dy), Some(&oracle.dy)),
+    ];
+    pairs
+        .into_iter()
+        .map(|(name, a, b)| Ok((format!("{prefix}{name}"), rel_err(name, a, b)?)))
+        .collect()
 }
 
 pub fn normal(rng: &mut ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {

@@ -10,89 +10,14 @@ use super::mhc::{Chaining, Sublayer, SublayerF};
 use super::rms_norm::RmsNorm;
 use super::runtime::{Device, DeviceElem};
 use crate::mhc::cpu::Elem;
-use crate::mhc::{reference, MhcShape};
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device as Cpu, Tensor, Var};
+use anyhow::{bail, Result};
+use candle_core::DType;
 use half::bf16;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use crate::gpu::cases::{
-    case_seed, cases, normal, rel_err, rms_norm_errors, rms_norm_label, run_seed, Case,
-    RmsNormInputs, Tally, RMS_NORM_DIMS, RMS_NORM_EPS,
+    case_seed, cases, mhc_errors, rms_norm_errors, rms_norm_label, run_seed, Case, MhcInputs,
+    MhcResults, RmsNormInputs, Tally, RMS_NORM_DIMS, RMS_NORM_EPS,
 };
-
-/// One case's inputs, x and y already rounded to the storage dtype (kept as f32 values), so
-/// both sides see the same numbers.
-struct Inputs {
-    shape: MhcShape,
-    tokens: usize,
-    x: Vec<f32>,
-    y: Vec<f32>,
-    phi: Vec<f32>,
-    alpha: Vec<f32>,
-    b: Vec<f32>,
-    w_post: Vec<f32>,
-    w_pre: Vec<f32>,
-}
-
-fn round<T: Elem>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&a| T::from_f32(a).to_f32()).collect()
-}
-
-fn inputs<T: Elem>(case: &Case, seed: u64) -> Inputs {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (t, n, c) = (case.tokens, case.streams, case.width);
-    let shape = MhcShape {
-        streams: n,
-        width: c,
-        sinkhorn_iters: 20,
-        dynamic: case.dynamic,
-    };
-    let k = shape.k();
-    let x = round::<T>(&normal(&mut rng, t * n * c, 1.0));
-    let y = round::<T>(&normal(&mut rng, t * c, 1.0));
-    let w_post = normal(&mut rng, t * n * c, 1.0);
-    let w_pre = normal(&mut rng, t * c, 1.0);
-    // phi ~ N(0, 1/(nC)) makes P / r ~ N(0, 1); alpha = scale (+-20% per group) sets the logits'
-    // size, b ~ N(0, scale^2) likewise.
-    let phi = if case.dynamic {
-        normal(&mut rng, n * c * k, (1.0 / (n * c) as f64).sqrt())
-    } else {
-        Vec::new()
-    };
-    let alpha: Vec<f32> = if case.dynamic {
-        (0..3)
-            .map(|_| (case.scale * rng.random_range(0.8..1.2)) as f32)
-            .collect()
-    } else {
-        vec![0.0; 3]
-    };
-    let b = normal(&mut rng, k, case.scale);
-    Inputs {
-        shape,
-        tokens: t,
-        x,
-        y,
-        phi,
-        alpha,
-        b,
-        w_post,
-        w_pre,
-    }
-}
-
-/// Forward outputs and gradients, as f64 (None = not produced).
-struct Results {
-    h: Vec<f64>,
-    u: Vec<f64>,
-    x_out: Vec<f64>,
-    dx: Vec<f64>,
-    dphi: Option<Vec<f64>>,
-    dalpha: Option<Vec<f64>>,
-    db: Vec<f64>,
-    dy: Vec<f64>,
-}
 
 fn f64s<T: Elem>(v: &[T]) -> Vec<f64> {
     v.iter().map(|a| a.to_f32() as f64).collect()
@@ -101,12 +26,17 @@ fn f64s<T: Elem>(v: &[T]) -> Vec<f64> {
 /// The fused kernels on `dev`: forward, then the backward of the loss with dL/dx' = W1 and
 /// dL/du = W2 in the storage dtype (as autograd hands them to the ops), dx's parts summed on the
 /// host.
-fn fused<T: DeviceElem + Elem>(dev: &Device, inp: &Inputs, chaining: Chaining) -> Result<Results> {
+fn fused<T: DeviceElem + Elem>(
+    dev: &Device,
+    inp: &MhcInputs,
+    chaining: Chaining,
+) -> Result<MhcResults> {
     let to_t = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
     let alpha_b: Vec<f32> = inp.alpha.iter().chain(&inp.b).copied().collect();
     let x = to_t(&inp.x);
     let f = SublayerF::Given;
-    let mut layer = Sublayer::new(dev, inp.shape, f, chaining, &x, &inp.phi, &alpha_b)?;
+    let phi = inp.phi.as_deref().unwrap_or_default();
+    let mut layer = Sublayer::new(dev, inp.shape, f, chaining, &x, phi, &alpha_b)?;
     layer.forward_pre(dev)?;
     layer.y.copy_from_host(&to_t(&inp.y))?;
     layer.forward_post(dev)?;
@@ -121,7 +51,7 @@ fn fused<T: DeviceElem + Elem>(dev: &Device, inp: &Inputs, chaining: Chaining) -
         }
     }
     let dalpha_b = f64s(&layer.dalpha_b.to_host()?);
-    Ok(Results {
+    Ok(MhcResults {
         h: f64s(&layer.h.to_host()?),
         u: f64s(&layer.u.to_host()?),
         x_out: f64s(&layer.x_out.to_host()?),
@@ -137,83 +67,19 @@ fn fused<T: DeviceElem + Elem>(dev: &Device, inp: &Inputs, chaining: Chaining) -
     })
 }
 
-/// The candle-ops reference in f64 on the CPU, gradients by autograd.
-fn oracle(inp: &Inputs) -> Result<Results> {
-    let (t, n, c, k) = (
-        inp.tokens,
-        inp.shape.streams,
-        inp.shape.width,
-        inp.shape.k(),
-    );
-    let var = |v: &[f32], dims: &[usize]| -> Result<Var> {
-        Ok(Var::from_tensor(
-            &Tensor::from_slice(v, dims, &Cpu::Cpu)?.to_dtype(DType::F64)?,
-        )?)
-    };
-    let x = var(&inp.x, &[t, n, c])?;
-    let y = var(&inp.y, &[t, c])?;
-    let phi = if inp.shape.dynamic {
-        Some(var(&inp.phi, &[n * c, k])?)
-    } else {
-        None
-    };
-    let alpha = var(&inp.alpha, &[3])?;
-    let b = var(&inp.b, &[k])?;
-    let shape = &inp.shape;
-    let h = reference::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
-    let u = reference::pre(&x, &h, shape)?;
-    let x_out = reference::post(&x, &h, &y, shape)?;
-    let w_post = Tensor::from_slice(&inp.w_post, (t, n, c), &Cpu::Cpu)?.to_dtype(DType::F64)?;
-    let w_pre = Tensor::from_slice(&inp.w_pre, (t, c), &Cpu::Cpu)?.to_dtype(DType::F64)?;
-    let loss = ((&x_out * w_post)?.sum_all()? + (&u * w_pre)?.sum_all()?)?;
-    let grads = loss.backward()?;
-    let flat = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1::<f64>()?) };
-    let grad = |v: &Var| -> Result<Option<Vec<f64>>> { grads.get(v).map(flat).transpose() };
-    Ok(Results {
-        h: flat(&h)?,
-        u: flat(&u)?,
-        x_out: flat(&x_out)?,
-        dx: grad(&x)?.context("x has no gradient")?,
-        dphi: match &phi {
-            Some(phi) => grad(phi)?,
-            None => None,
-        },
-        dalpha: grad(&alpha)?,
-        db: grad(&b)?.context("b has no gradient")?,
-        dy: grad(&y)?.context("y has no gradient")?,
-    })
-}
-
 /// The relative error of each output and gradient, for the unchained ops and then, with names
 /// prefixed "c", for the chained sublayer backward.
 fn check_case(dev: &Device, case: &Case, seed: u64) -> Result<Vec<(String, f64)>> {
+    let inp = MhcInputs::new(case, seed)?;
+    let oracle = inp.oracle()?;
     let mut errors = Vec::new();
     for (chaining, prefix) in [(Chaining::Unchained, ""), (Chaining::Chained, "c")] {
-        let (fused, oracle) = match case.dtype {
-            DType::F32 => {
-                let inp = inputs::<f32>(case, seed);
-                (fused::<f32>(dev, &inp, chaining)?, oracle(&inp)?)
-            }
-            DType::BF16 => {
-                let inp = inputs::<bf16>(case, seed);
-                (fused::<bf16>(dev, &inp, chaining)?, oracle(&inp)?)
-            }
+        let fused = match case.dtype {
+            DType::F32 => fused::<f32>(dev, &inp, chaining)?,
+            DType::BF16 => fused::<bf16>(dev, &inp, chaining)?,
             other => bail!("selftest: storage dtype {other:?} is not supported"),
         };
-        type Pair<'a> = (&'static str, Option<&'a [f64]>, Option<&'a [f64]>);
-        let pairs: [Pair; 8] = [
-            ("H", Some(&fused.h), Some(&oracle.h)),
-            ("u", Some(&fused.u), Some(&oracle.u)),
-            ("x'", Some(&fused.x_out), Some(&oracle.x_out)),
-            ("dx", Some(&fused.dx), Some(&oracle.dx)),
-            ("dphi", fused.dphi.as_deref(), oracle.dphi.as_deref()),
-            ("dalpha", fused.dalpha.as_deref(), oracle.dalpha.as_deref()),
-            ("db", Some(&fused.db), Some(&oracle.db)),
-            ("dy", Some(&fused.dy), Some(&oracle.dy)),
-        ];
-        for (name, a, b) in pairs {
-            errors.push((format!("{prefix}{name}"), rel_err(name, a, b)?));
-        }
+        errors.extend(mhc_errors(prefix, &fused, &oracle)?);
     }
     Ok(errors)
 }
