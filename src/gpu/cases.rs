@@ -174,8 +174,9 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// One mHC case's inputs, on the host: x and y rounded to the storage dtype (kept as f32
-/// values, so the fused side and the f64 oracle see the same numbers); parameters and the loss
-/// weights W1 (`w_post`, of x') and W2 (`w_pre`, of u) in f32.
+/// values, so the fused side and the f64 oracle see the same numbers); parameters in f32; the
+/// loss weights W1 (`w_post`, of x') and W2 (`w_pre`, of u) rounded to the storage dtype too: a
+/// bf16 op receives its upstream gradient in bf16, so the oracle must see those same values.
 pub struct MhcInputs {
     pub shape: MhcShape,
     pub tokens: usize,
@@ -221,8 +222,8 @@ impl MhcInputs {
         };
         let x = stored(normal(&mut rng, t * n * c, 1.0))?;
         let y = stored(normal(&mut rng, t * c, 1.0))?;
-        let w_post = normal(&mut rng, t * n * c, 1.0);
-        let w_pre = normal(&mut rng, t * c, 1.0);
+        let w_post = stored(normal(&mut rng, t * n * c, 1.0))?;
+        let w_pre = stored(normal(&mut rng, t * c, 1.0))?;
         // phi ~ N(0, 1/(nC)) makes P / r ~ N(0, 1); alpha = scale (+-20% per group) sets the
         // logits' size, b ~ N(0, scale^2) likewise.
         let phi = case
