@@ -7,9 +7,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use mhc_train::config::MhcImpl;
+use mhc_train::gpu::cases::{Case, MhcInputs};
 use mhc_train::mhc::apply::{mhc_apply, rms_norm};
 use mhc_train::mhc::{ops, reference, MhcShape};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use std::collections::HashMap;
@@ -46,18 +47,8 @@ fn assert_finite(name: &str, t: &Tensor) -> Res<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Case {
-    streams: usize,
-    width: usize,
-    tokens: usize,
-    /// Typical size of the logits Ht (through alpha and b).
-    scale: f64,
-    dynamic: bool,
-    dtype: DType,
-}
-
-/// One case's inputs: storage-dtype x, y and loss weights; f32 parameters.
+/// One case's inputs as tensors: storage-dtype x and y; f32 parameters; loss weights in f32,
+/// exactly representable in the storage dtype. Drawn by the GPU selftests' sampler.
 struct Inputs {
     shape: MhcShape,
     x: Tensor,
@@ -65,58 +56,25 @@ struct Inputs {
     phi: Option<Tensor>,
     alpha: Tensor,
     b: Tensor,
-    /// Loss weights of post [T, n, C] and pre [T, C], exactly representable in the storage dtype.
+    /// Loss weights of post [T, n, C] and pre [T, C].
     w_post: Tensor,
     w_pre: Tensor,
 }
 
 fn inputs(case: Case, seed: u64) -> Res<Inputs> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let dev = Device::Cpu;
-    let (t, n, c) = (case.tokens, case.streams, case.width);
-    let shape = MhcShape {
-        streams: n,
-        width: c,
-        sinkhorn_iters: 20,
-        dynamic: case.dynamic,
-    };
-    let k = shape.k();
-    // Rounded to the storage dtype once: both sides then see the same values.
-    let stored =
-        |v: Vec<f32>, dims: &[usize]| Tensor::from_vec(v, dims, &dev)?.to_dtype(case.dtype);
-    let x = stored(normal(&mut rng, t * n * c, 1.0), &[t, n, c])?;
-    let y = stored(normal(&mut rng, t * c, 1.0), &[t, c])?;
-    let w_post = stored(normal(&mut rng, t * n * c, 1.0), &[t, n, c])?.to_dtype(DType::F32)?;
-    let w_pre = stored(normal(&mut rng, t * c, 1.0), &[t, c])?.to_dtype(DType::F32)?;
-    // phi ~ N(0, 1/(nC)) makes P / r ~ N(0, 1); alpha = scale (+-20%) then sets the logits' size.
-    let phi = case
-        .dynamic
-        .then(|| {
-            Tensor::from_vec(
-                normal(&mut rng, n * c * k, (1.0 / (n * c) as f64).sqrt()),
-                (n * c, k),
-                &dev,
-            )
-        })
-        .transpose()?;
-    let alpha: Vec<f32> = if case.dynamic {
-        (0..3)
-            .map(|_| (case.scale * rng.random_range(0.8..1.2)) as f32)
-            .collect()
-    } else {
-        vec![0.0; 3]
-    };
-    let alpha = Tensor::from_vec(alpha, 3, &dev)?;
-    let b = Tensor::from_vec(normal(&mut rng, k, case.scale), k, &dev)?;
+    let host = MhcInputs::new(&case, seed)?;
+    let shape = host.shape;
+    let (t, n, c, k) = (host.tokens, shape.streams, shape.width, shape.k());
+    let tensor = |v: Vec<f32>, dims: &[usize]| Tensor::from_vec(v, dims, &Device::Cpu);
     Ok(Inputs {
         shape,
-        x,
-        y,
-        phi,
-        alpha,
-        b,
-        w_post,
-        w_pre,
+        x: tensor(host.x, &[t, n, c])?.to_dtype(case.dtype)?,
+        y: tensor(host.y, &[t, c])?.to_dtype(case.dtype)?,
+        phi: host.phi.map(|p| tensor(p, &[n * c, k])).transpose()?,
+        alpha: tensor(host.alpha, &[3])?,
+        b: tensor(host.b, &[k])?,
+        w_post: tensor(host.w_post, &[t, n, c])?,
+        w_pre: tensor(host.w_pre, &[t, c])?,
     })
 }
 
