@@ -568,3 +568,55 @@ fn apply_names_missing_and_misshapen_tensors() -> Res<()> {
     );
     Ok(())
 }
+
+/// `mhc-apply --device hip`: the HIP launch layer's sublayer as the HIP bench runs it (F = the
+/// fused RMSNorm, dx written once by the chained backward) against the same f64 oracle. Needs an
+/// AMD GPU or the emulated one that CI builds (scripts/build-hip-emulator.sh):
+/// `LD_LIBRARY_PATH=.bin/hip-emulator cargo test --release --features hip --test mhc_ops -- --ignored`
+#[cfg(feature = "hip")]
+#[test]
+#[ignore = "needs an AMD GPU, or LD_LIBRARY_PATH=.bin/hip-emulator"]
+fn apply_on_hip_matches_the_oracle() -> Res<()> {
+    let dir = tempfile::tempdir()?;
+    for (dynamic, dtype, tol) in [
+        (true, DType::F32, TOL_F32),
+        (false, DType::F32, TOL_F32),
+        (true, DType::BF16, TOL_BF16),
+        (false, DType::BF16, TOL_BF16),
+    ] {
+        let inp = apply_inputs(dynamic, dtype)?;
+        let input = dir.path().join("in.safetensors");
+        let output = dir.path().join("out.safetensors");
+        candle_core::safetensors::save(&inp, &input)?;
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_mhc-train"))
+            .arg("mhc-apply")
+            .args(["--device", "hip", "--in"])
+            .arg(&input)
+            .arg("--out")
+            .arg(&output)
+            .output()?;
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = candle_core::safetensors::load(&output, &Device::Cpu)?;
+        let oracle = apply_oracle(&inp)?;
+        let mut names = vec!["x_out", "h", "dx", "db", "dgamma"];
+        if dynamic {
+            names.extend(["dphi", "dalpha"]);
+        }
+        for name in names {
+            let got = out
+                .get(name)
+                .unwrap_or_else(|| panic!("no {name} in the output"));
+            assert_finite(name, got)?;
+            let err = rel_err(got, &oracle[name])?;
+            assert!(
+                err < tol,
+                "{name} (dynamic {dynamic}, {dtype:?}): {err:e} against the f64 oracle"
+            );
+        }
+    }
+    Ok(())
+}
