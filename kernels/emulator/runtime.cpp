@@ -87,7 +87,6 @@ struct Fiber {
 
 struct Block {
     std::vector<Fiber> fibers;
-    int waves = 0;
     float slot[MAX_THREADS_PER_BLOCK] = {};  // shuffle values, by thread
     void* scheduler_sp = nullptr;
 };
@@ -169,8 +168,8 @@ bool release_barriers(Block& block) {
             if (f.state == State::AtBlockBarrier) f.state = State::Runnable;
         return true;
     }
-    for (int w = 0; w < block.waves; ++w) {
-        const int first = w * WAVE, last = std::min<int>(first + WAVE, int(block.fibers.size()));
+    for (int first = 0; first < int(block.fibers.size()); first += WAVE) {
+        const int last = std::min<int>(first + WAVE, int(block.fibers.size()));
         bool all_at_wave = true, any_at_wave = false;
         for (int i = first; i < last; ++i) {
             const State st = block.fibers[i].state;
@@ -215,7 +214,6 @@ void run_grid(const Kernel& kernel, const Arguments& args, dim3 grid, dim3 block
     while (int(stacks.size()) < threads) stacks.emplace_back(new char[FIBER_STACK]);
     Block block;
     block.fibers.resize(threads);
-    block.waves = (threads + WAVE - 1) / WAVE;
     for (int i = 0; i < threads; ++i) {
         block.fibers[i].linear = i;
         block.fibers[i].stack = stacks[i].get();
