@@ -199,7 +199,8 @@ constexpr int PROJ_ROW_STEP = PROJ_THREADS / PROJ_ROW_COPIES;
 static_assert(PROJ_TOKENS * PROJ_ROW_COPIES % PROJ_THREADS == 0, "whole copies per thread");
 // Resident blocks per multiprocessor the register budget is set for on NVIDIA: five (96
 // registers) for n <= 4, where that costs no spills; fewer for the wider n = 5..8 accumulators.
-// AMD's clang reads the hint as waves per EU and warns when unmet: no hint there.
+// AMD's clang reads the hint as waves per EU and warns when unmet: no hint there. The launch
+// layer sizes the grid to one wave of these (project_resident_blocks in src/gpu/mod.rs).
 constexpr int proj_min_blocks(int n) { return MHC_NVIDIA ? (n <= 4 ? 5 : 2) : 1; }
 
 template <typename T> struct ProjStep {
@@ -453,25 +454,57 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
     }
 }
 
-// Per token: P and sum x^2 added over the `splits` slices of D, r = sqrt(mean(xbar^2) + eps_r),
-// then scale/bias, activations and Sinkhorn into ext. One thread per token.
+// Per tile of FINISH_TOKENS tokens (one block of FINISH_THREADS): P and sum x^2 added over the
+// `splits` slices of D, r = sqrt(mean(xbar^2) + eps_r), then scale/bias, activations and Sinkhorn
+// into ext. A tile's partial rows are one contiguous run per slice, so the block sums the slices
+// with coalesced loads, many in flight per thread (one thread per token walking up to 160 slices
+// of its own 100-byte row took 43 us at T = 1024 on an H200); the tile's ext rows are staged in
+// shared memory and written as one contiguous run. One thread per token runs the Sinkhorn.
+constexpr int FINISH_TOKENS = 32;
+constexpr int FINISH_THREADS = 128;
+
 template <int N>
 __device__ void coeffs_finish(const float* __restrict__ partial, const float* __restrict__ alpha_b,
                               float* __restrict__ ext, long long tokens, long long D, int splits, int iters) {
     constexpr int K = N * N + 2 * N;
-    const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (t >= tokens) return;
-    float p[K], sum_sq = 0.0f;
+    constexpr int ROW = K + 1;                                     // [P (k) | sum x^2]
+    constexpr int RUN = FINISH_TOKENS * ROW;                       // a tile's partial run per slice
+    constexpr int PER_THREAD = (RUN + FINISH_THREADS - 1) / FINISH_THREADS;
+    constexpr int EXT = 2 * K + 1;
+    __shared__ float sums[RUN];
+    __shared__ float ext_tile[FINISH_TOKENS * EXT];
+    const long long t0 = blockIdx.x * (long long)FINISH_TOKENS;
+    const int nt = tokens - t0 < FINISH_TOKENS ? (int)(tokens - t0) : FINISH_TOKENS;
+    const int run = nt * ROW;
+    float acc[PER_THREAD];
 #pragma unroll
-    for (int c = 0; c < K; ++c) p[c] = 0.0f;
+    for (int i = 0; i < PER_THREAD; ++i) acc[i] = 0.0f;
+#pragma unroll 4
     for (int s = 0; s < splits; ++s) {
-        const float* row = partial + (s * tokens + t) * (K + 1);
+        const float* slice = partial + (s * tokens + t0) * ROW;
 #pragma unroll
-        for (int c = 0; c < K; ++c) p[c] += row[c];
-        sum_sq += row[K];
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int e = threadIdx.x + i * FINISH_THREADS;
+            if (e < run) acc[i] += slice[e];
+        }
     }
-    const float r = sqrtf(sum_sq / (float)D + EPS_RMS);
-    write_ext<N>(p, r, alpha_b, iters, ext + t * (2 * K + 1));
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+        const int e = threadIdx.x + i * FINISH_THREADS;
+        if (e < RUN) sums[e] = acc[i];
+    }
+    __syncthreads();
+    if (threadIdx.x < nt) {
+        const float* row = sums + threadIdx.x * ROW;
+        float p[K];
+#pragma unroll
+        for (int c = 0; c < K; ++c) p[c] = row[c];
+        const float r = sqrtf(row[K] / (float)D + EPS_RMS);
+        write_ext<N>(p, r, alpha_b, iters, ext_tile + threadIdx.x * EXT);
+    }
+    __syncthreads();
+    float* out = ext + t0 * EXT;
+    for (int e = threadIdx.x; e < nt * EXT; e += FINISH_THREADS) out[e] = ext_tile[e];
 }
 
 // Row stride of the per-token backward scratch dp: [dP (k) | coef (1) | zero padding] so rows
@@ -575,6 +608,7 @@ template <typename T> struct BwdStep {
 constexpr int BWD_X_STAGES = 3;
 // Resident blocks per multiprocessor the register budget is set for on NVIDIA (as
 // proj_min_blocks): three (80 registers, no spills) for n <= 4; no hint for wider n or on AMD.
+// Mirrored by bwd_x_resident_blocks in src/gpu/mod.rs, which fits the grid in one wave of them.
 constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
 
 template <typename T, int N, bool SUM>

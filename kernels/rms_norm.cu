@@ -67,19 +67,22 @@ __device__ __forceinline__ void rn_backward_chunk(const T* __restrict__ xr, cons
     store_row<T, V>(dxr, c0, C, vec, d);
 }
 
-// Backward: grid-stride over rows, a block per row at a time. Pass 1 sums x^2 and gamma*dy*x over
-// the row, pass 2 (L1 re-reads) writes dx and accumulates dgamma in registers; each block adds its
-// sum to its own row of dgamma_partial [gridDim.x, C] (zeroed before the launch; the rows are
-// summed by dgamma_column_sums below). Plain adds, no atomics: with every block adding into one
-// [C] row, ~1000 blocks x C atomics on the same C addresses took 138 us at 1024 x 2560 on an H100.
+// Backward: grid-stride over rows, a block per pair of rows at a time (rows r and r + gridDim.x:
+// the loads of both are in flight together; one row at a time left the kernel waiting on memory
+// at 37% of copy bandwidth). Pass 1 sums x^2 and gamma*dy*x over both rows, pass 2 (L1 re-reads)
+// writes dx and accumulates dgamma in registers; each block adds its sum to its own row of
+// dgamma_partial [gridDim.x, C] (zeroed before the launch; the rows are summed by
+// dgamma_column_sums below). Plain adds, no atomics: with every block adding into one [C] row,
+// ~1000 blocks x C atomics on the same C addresses took 138 us at 1024 x 2560 on an H100.
 template <typename T>
 __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restrict__ gamma,
                                   const T* __restrict__ dy, T* __restrict__ dx,
                                   float* __restrict__ dgamma_partial, long long rows, long long C,
                                   long long eps_bits) {
     constexpr int V = 16 / (int)sizeof(T);
+    constexpr int PAIR = 2;
     float* dgamma = dgamma_partial + blockIdx.x * C;  // this block's row
-    __shared__ float scratch[(MAX_WAVES + 1) * 2];
+    __shared__ float scratch[(MAX_WAVES + 1) * 2 * PAIR];
     const float eps = rn_eps(eps_bits);
     const long long chunks = (C + V - 1) / V;
     const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(dy, C) && pack_ok<T, V>(dx, C);
@@ -89,39 +92,51 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
     for (int m = 0; m < RN_REG_CHUNKS; ++m)
 #pragma unroll
         for (int q = 0; q < V; ++q) acc[m][q] = 0.0f;
-    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T* xr = x + r * C;
-        const T* dyr = dy + r * C;
-        float sums[2] = {0.0f, 0.0f};  // sum x^2, sum gamma * dy * x
+    for (long long r0 = blockIdx.x; r0 < rows; r0 += PAIR * (long long)gridDim.x) {
+        // sums[2p] = sum x^2, sums[2p + 1] = sum gamma * dy * x of row r0 + p * gridDim.x.
+        float sums[2 * PAIR] = {};
         for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
-            float xv[V], g[V], d[V];
-            load_row<T, V>(xr, cv * V, C, vec, xv);
-            load_row<T, V>(dyr, cv * V, C, vec, d);
+            float g[V];
             load_row<float, V>(gamma, cv * V, C, vec_g, g);
 #pragma unroll
-            for (int q = 0; q < V; ++q) {
-                sums[0] += xv[q] * xv[q];
-                sums[1] += g[q] * d[q] * xv[q];
+            for (int p = 0; p < PAIR; ++p) {
+                const long long r = r0 + p * (long long)gridDim.x;
+                if (r >= rows) break;
+                float xv[V], d[V];
+                load_row<T, V>(x + r * C, cv * V, C, vec, xv);
+                load_row<T, V>(dy + r * C, cv * V, C, vec, d);
+#pragma unroll
+                for (int q = 0; q < V; ++q) {
+                    sums[2 * p] += xv[q] * xv[q];
+                    sums[2 * p + 1] += g[q] * d[q] * xv[q];
+                }
             }
         }
-        const float* totals = block_sum<2>(sums, scratch);
-        const float s = rsqrtf(totals[0] / (float)C + eps);
-        const float coef = s * s * s * totals[1] / (float)C;
+        const float* totals = block_sum<2 * PAIR>(sums, scratch);
 #pragma unroll
-        for (int m = 0; m < RN_REG_CHUNKS; ++m) {
-            const long long cv = threadIdx.x + (long long)m * blockDim.x;
-            if (cv < chunks)
-                rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, acc[m]);
-        }
-        for (long long cv = threadIdx.x + (long long)RN_REG_CHUNKS * blockDim.x; cv < chunks;
-             cv += blockDim.x) {
-            float part[V];
+        for (int p = 0; p < PAIR; ++p) {
+            const long long r = r0 + p * (long long)gridDim.x;
+            if (r >= rows) break;
+            const T* xr = x + r * C;
+            const T* dyr = dy + r * C;
+            const float s = rsqrtf(totals[2 * p] / (float)C + eps);
+            const float coef = s * s * s * totals[2 * p + 1] / (float)C;
 #pragma unroll
-            for (int q = 0; q < V; ++q) part[q] = 0.0f;
-            rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, part);
+            for (int m = 0; m < RN_REG_CHUNKS; ++m) {
+                const long long cv = threadIdx.x + (long long)m * blockDim.x;
+                if (cv < chunks)
+                    rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, acc[m]);
+            }
+            for (long long cv = threadIdx.x + (long long)RN_REG_CHUNKS * blockDim.x; cv < chunks;
+                 cv += blockDim.x) {
+                float part[V];
 #pragma unroll
-            for (int q = 0; q < V; ++q)
-                if (cv * V + q < C) dgamma[cv * V + q] += part[q];
+                for (int q = 0; q < V; ++q) part[q] = 0.0f;
+                rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, part);
+#pragma unroll
+                for (int q = 0; q < V; ++q)
+                    if (cv * V + q < C) dgamma[cv * V + q] += part[q];
+            }
         }
     }
 #pragma unroll

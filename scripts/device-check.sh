@@ -16,6 +16,9 @@
 #              their losses side by side                               -> agree.log
 #   ncu        Nsight Compute on the fused sublayer's kernels at
 #              T=1024 C=2560 and T=16384 C=1280                        -> ncu.txt
+#   timeline   every kernel of one fused sublayer forward+backward (as
+#              the bench times it) with its duration, and the host's
+#              enqueue times, at T=1024 C=2560 and T=16384 C=1280      -> timeline.txt
 # STAGE_LIMIT_S (default 300) bounds each stage; a stage that fails or runs out is reported and
 # the next one still runs. At most 8 files come back from $OUT, so the stages write no more.
 set -uo pipefail
@@ -30,14 +33,14 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 if (($# == 0)); then
-  sed -n '2,18p' "${BASH_SOURCE[0]}"
+  sed -n '2,21p' "${BASH_SOURCE[0]}"
   exit 2
 fi
 for stage in "$@"; do
   case "$stage" in
-    selftest | tests | layers | train | agree | ncu) ;;
+    selftest | tests | layers | train | agree | ncu | timeline) ;;
     *)
-      echo "device-check: unknown stage '$stage' (selftest tests layers train agree ncu)" >&2
+      echo "device-check: unknown stage '$stage' (selftest tests layers train agree ncu timeline)" >&2
       exit 2
       ;;
   esac
@@ -117,8 +120,19 @@ for stage in "$@"; do
         MHC_BENCH_OPS_ONLY=1 MHC_BENCH_REPS=1 MHC_BENCH_TOKENS=$tokens MHC_BENCH_WIDTHS=$width \
           run ncu --clock-control none --kernel-name 'regex:mhc_|rms_norm' --launch-count 90 \
           --section SpeedOfLight --section Occupancy --section LaunchStats \
-          --section MemoryWorkloadAnalysis --csv --page details \
+          --section MemoryWorkloadAnalysis --section WarpStateStats --csv --page details \
           .bin/test-gpu_mhc-cuda bench_fused_vs_reference --ignored --exact >>"$out/ncu.txt" 2>&1
+      done
+      ;;
+    timeline)
+      : >"$out/timeline.txt"
+      for size in "1024 2560" "16384 1280"; do
+        read -r tokens width <<<"$size"
+        echo "-- T=$tokens C=$width" >>"$out/timeline.txt"
+        MHC_BENCH_TOKENS=$tokens MHC_BENCH_WIDTHS=$width \
+          run ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
+          --csv --page raw .bin/test-gpu_sublayer-cuda chained_sublayer_one_step_profile \
+          --ignored --exact --nocapture >>"$out/timeline.txt" 2>&1
       done
       ;;
   esac

@@ -6,6 +6,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use mhc_train::gpu::bench::SeedGradient;
 use mhc_train::mhc::apply::{rms_norm, RMS_NORM_EPS};
 use mhc_train::mhc::{ops, MhcShape};
 use std::time::Instant;
@@ -35,68 +36,91 @@ fn rel_err(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
     Ok((diff / norm).sqrt())
 }
 
-#[test]
-#[ignore]
-fn chained_sublayer_timing() -> anyhow::Result<()> {
-    let device = mhc_train::gpu::open_cuda(0)?;
-    let tokens: Vec<usize> = match std::env::var("MHC_BENCH_TOKENS") {
+/// One dynamic sublayer's inputs at n = 4 (bf16 x, f32 parameters) and an upstream gradient g.
+struct Sublayer {
+    shape: MhcShape,
+    x: Var,
+    phi: Var,
+    alpha: Var,
+    b: Var,
+    gamma: Var,
+    g: Tensor,
+}
+
+impl Sublayer {
+    fn new(device: &Device, tokens: usize, width: usize) -> anyhow::Result<Self> {
+        let shape = MhcShape {
+            streams: 4,
+            width,
+            sinkhorn_iters: 20,
+            dynamic: true,
+        };
+        let (n, k) = (shape.streams, shape.k());
+        let randn = |std: f32, dims: &[usize]| Tensor::randn(0f32, std, dims, device);
+        Ok(Self {
+            shape,
+            x: Var::from_tensor(&randn(1.0, &[tokens, n, width])?.to_dtype(DType::BF16)?)?,
+            phi: Var::from_tensor(&randn((1.0 / (n * width) as f32).sqrt(), &[n * width, k])?)?,
+            alpha: Var::from_tensor(&Tensor::full(0.5f32, 3, device)?)?,
+            b: Var::from_tensor(&randn(1.0, &[k])?)?,
+            gamma: Var::from_tensor(&(randn(0.1, &[width])? + 1.0)?)?,
+            g: randn(1.0, &[tokens, n, width])?.to_dtype(DType::BF16)?,
+        })
+    }
+
+    /// x' through the chained sublayer (the trainer's path) or the three unchained ops.
+    fn forward(&self, chained: bool) -> candle_core::Result<Tensor> {
+        let (x, shape) = (self.x.as_tensor(), &self.shape);
+        let (phi, alpha, b) = (&self.phi, &self.alpha, &self.b);
+        let f = |u: &Tensor| rms_norm(u, &self.gamma);
+        if chained {
+            Ok(ops::sublayer(x, Some(phi), alpha, b, shape, f)?.0)
+        } else {
+            let h = ops::coeffs(x, Some(phi), alpha, b, shape)?;
+            ops::post(x, &h, &f(&ops::pre(x, &h, shape)?)?, shape)
+        }
+    }
+
+    /// (dx, dphi) of sum(x' * g).
+    fn grads(&self, chained: bool) -> anyhow::Result<(Tensor, Tensor)> {
+        let grads = (self.forward(chained)? * &self.g)?.sum_all()?.backward()?;
+        Ok((
+            grads.get(&self.x).expect("dx").clone(),
+            grads.get(&self.phi).expect("dphi").clone(),
+        ))
+    }
+}
+
+fn tokens_from_env() -> anyhow::Result<Vec<usize>> {
+    Ok(match std::env::var("MHC_BENCH_TOKENS") {
         Ok(v) => v
             .split(',')
             .map(|s| s.trim().parse())
             .collect::<Result<_, _>>()?,
         Err(_) => vec![1024, 16384, 65536],
-    };
-    let (n, c) = (4, 1280);
+    })
+}
+
+#[test]
+#[ignore]
+fn chained_sublayer_timing() -> anyhow::Result<()> {
+    let device = mhc_train::gpu::open_cuda(0)?;
+    let c = 1280;
     println!("| T | path | fwd ms | fwd+bwd ms |");
     println!("|---|---|---|---|");
-    for &t in &tokens {
-        let shape = MhcShape {
-            streams: n,
-            width: c,
-            sinkhorn_iters: 20,
-            dynamic: true,
-        };
-        let k = shape.k();
-        let x = Var::from_tensor(
-            &Tensor::randn(0f32, 1.0, (t, n, c), &device)?.to_dtype(DType::BF16)?,
-        )?;
-        let phi = Var::from_tensor(&Tensor::randn(
-            0f32,
-            (1.0 / (n * c) as f32).sqrt(),
-            (n * c, k),
-            &device,
-        )?)?;
-        let alpha = Var::from_tensor(&Tensor::full(0.5f32, 3, &device)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, k, &device)?)?;
-        let gamma = Var::from_tensor(&(Tensor::randn(0f32, 0.1, c, &device)? + 1.0)?)?;
-        let g = Tensor::randn(0f32, 1.0, (t, n, c), &device)?.to_dtype(DType::BF16)?;
-        let forward = |chained: bool| -> candle_core::Result<Tensor> {
-            if chained {
-                Ok(ops::sublayer(&x, Some(&phi), &alpha, &b, &shape, |u| rms_norm(u, &gamma))?.0)
-            } else {
-                let h = ops::coeffs(&x, Some(&phi), &alpha, &b, &shape)?;
-                let y = rms_norm(&ops::pre(&x, &h, &shape)?, &gamma)?;
-                ops::post(&x, &h, &y, &shape)
-            }
-        };
-        let grads = |chained: bool| -> anyhow::Result<(Tensor, Tensor)> {
-            let out = forward(chained)?;
-            let grads = (out * &g)?.sum_all()?.backward()?;
-            Ok((
-                grads.get(&x).expect("dx").clone(),
-                grads.get(&phi).expect("dphi").clone(),
-            ))
-        };
-        let (dx_c, dphi_c) = grads(true)?;
-        let (dx_u, dphi_u) = grads(false)?;
+    for t in tokens_from_env()? {
+        let layer = Sublayer::new(&device, t, c)?;
+        let gamma = layer.gamma.as_tensor();
+        let (dx_c, dphi_c) = layer.grads(true)?;
+        let (dx_u, dphi_u) = layer.grads(false)?;
         let (ex, ephi) = (rel_err(&dx_c, &dx_u)?, rel_err(&dphi_c, &dphi_u)?);
         assert!(
             ex < 1e-2 && ephi < 1e-2,
             "T={t}: chained vs unchained dx {ex:e}, dphi {ephi:e}"
         );
         for chained in [false, true] {
-            let fwd = median_ms(&device, || Ok(forward(chained)?))?;
-            let both = median_ms(&device, || grads(chained))?;
+            let fwd = median_ms(&device, || Ok(layer.forward(chained)?))?;
+            let both = median_ms(&device, || layer.grads(chained))?;
             let path = if chained { "chained" } else { "unchained" };
             println!("| {t} | {path} | {fwd:.3} | {both:.3} |");
         }
@@ -108,13 +132,13 @@ fn chained_sublayer_timing() -> anyhow::Result<()> {
             let u32 = u.to_dtype(DType::F32)?;
             let ms = u32.sqr()?.mean_keepdim(D::Minus1)?;
             u32.broadcast_div(&(ms + RMS_NORM_EPS)?.sqrt()?)?
-                .broadcast_mul(&gamma)?
+                .broadcast_mul(gamma)?
                 .to_dtype(u.dtype())
         };
         for (name, fused) in [("rms-norm candle ops", false), ("rms-norm fused", true)] {
             let f = |u: &Tensor| {
                 if fused {
-                    rms_norm(u, &gamma)
+                    rms_norm(u, gamma)
                 } else {
                     candle_norm(u)
                 }
@@ -126,6 +150,49 @@ fn chained_sublayer_timing() -> anyhow::Result<()> {
             })?;
             println!("| {t} | {name} | {fwd:.3} | {both:.3} |");
         }
+    }
+    Ok(())
+}
+
+/// One fused forward+backward of the chained sublayer as `mhc-train bench` times it (the
+/// backward seeded with g by `SeedGradient`), for Nsight Compute: after warm-up, exactly one step runs between
+/// cuProfilerStart and cuProfilerStop (`ncu --profile-from-start off` sees only its kernels).
+/// Prints how long the host takes to enqueue the forward and the backward, against the synced
+/// wall time, so the kernels' summed time can be set against both.
+#[test]
+#[ignore]
+fn chained_sublayer_one_step_profile() -> anyhow::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+    let device = mhc_train::gpu::open_cuda(0)?;
+    let c = std::env::var("MHC_BENCH_WIDTHS").map_or(Ok(1280), |v| v.trim().parse())?;
+    for t in tokens_from_env()? {
+        let layer = Sublayer::new(&device, t, c)?;
+        let mut rows = Vec::new();
+        for _ in 0..12 {
+            device.synchronize()?;
+            let start = Instant::now();
+            let out = layer.forward(true)?;
+            let forward = start.elapsed();
+            out.apply_op1(SeedGradient(layer.g.clone()))?.backward()?;
+            let enqueued = start.elapsed();
+            device.synchronize()?;
+            rows.push((forward, enqueued - forward, start.elapsed()));
+        }
+        rows.sort_by_key(|r| r.2);
+        let (fwd, bwd, wall) = rows[rows.len() / 2];
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "T={t} C={c}: host enqueue fwd {:.3} ms, bwd {:.3} ms; synced wall {:.3} ms (median of 12)",
+            ms(fwd),
+            ms(bwd),
+            ms(wall)
+        );
+        device.synchronize()?;
+        profiler_start()?;
+        let out = layer.forward(true)?;
+        out.apply_op1(SeedGradient(layer.g.clone()))?.backward()?;
+        device.synchronize()?;
+        profiler_stop()?;
     }
     Ok(())
 }

@@ -3,13 +3,16 @@
 //! exported kernel of its module's `kernels/<stem>.cu`, with the table's argument list: names in
 //! order, `const` pointers for `In`, writable pointers for `Out`/`Accumulate`, f32 pointers for
 //! `F32`, the dtype's storage pointer for `Storage`, `long long` for `I64`, `int` for `I32`.
-//! Also the launch rules of the RMSNorm kernels and of the coefficient projection.
+//! Also the launch rules of the RMSNorm kernels, the coefficient projection and the coefficient
+//! backward over x.
 
 use candle_core::DType;
 use mhc_train::gpu::{
-    Arg, DeviceLimits, Elem, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, COEFFS_PROJECT,
-    DGAMMA_SUM_COLUMNS, KERNELS, MAX_STREAMS, MIN_STREAMS, PROJECT_BLOCKS_PER_MULTIPROCESSOR,
-    PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
+    bwd_x_resident_blocks, project_resident_blocks, Arg, DeviceLimits, Elem,
+    ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, BWD_X_ELEMS_PER_THREAD, BWD_X_TOKEN_CHUNK,
+    COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT, DGAMMA_SUM_COLUMNS, FINISH_TOKENS, KERNELS,
+    MAX_STREAMS, MIN_STREAMS, PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM,
+    RMS_NORM_FWD,
 };
 use mhc_train::mhc::MhcShape;
 use std::collections::HashMap;
@@ -197,12 +200,11 @@ fn rms_norm_launch_rules() {
 }
 
 #[test]
-fn projection_slices_cover_d_and_fill_the_device() {
+fn projection_slices_cover_d_and_fill_one_wave() {
     let limits = DeviceLimits {
         wave: 32,
         multiprocessors: 132,
     };
-    let target = PROJECT_BLOCKS_PER_MULTIPROCESSOR * 132;
     for (tokens, streams, width) in [
         (16384, 4, 1280),
         (1024, 4, 1280),
@@ -219,23 +221,80 @@ fn projection_slices_cover_d_and_fill_the_device() {
             dynamic: true,
         };
         let d = streams * width;
+        let resident = project_resident_blocks(streams) * 132;
         let g = COEFFS_PROJECT.geometry(&limits, &shape, DType::BF16, tokens);
         let (tiles, slices) = (g.grid.0 as usize, g.grid.1 as usize);
         let case = format!("T={tokens} n={streams} C={width}: {g:?}");
         assert_eq!(g.block, 128, "{case}");
         assert_eq!(tiles, tokens.div_ceil(PROJECT_TOKENS), "{case}");
+        // The finish step: one block per tile of FINISH_TOKENS tokens, every token covered.
+        let finish = COEFFS_FINISH.geometry(&limits, &shape, DType::BF16, tokens);
+        assert_eq!(
+            finish.grid,
+            (tokens.div_ceil(FINISH_TOKENS) as u32, 1),
+            "{case}"
+        );
         // Slices are whole chunks, cover D, and none is empty.
         assert_eq!(g.split_len % PROJECT_CHUNK, 0, "{case}");
         assert!(slices * g.split_len >= d, "{case}");
         assert!((slices - 1) * g.split_len < d, "{case}");
-        // Enough blocks to fill the device unless D has no more chunks to split into (rounding
-        // slices up to whole chunks at most halves the count aimed for); never more slices than
-        // needed for that.
-        if slices < d.div_ceil(PROJECT_CHUNK) {
-            assert!(2 * tiles * slices >= target, "{case}");
-        }
+        // Split only within one wave of resident blocks, and far enough to fill most of it
+        // unless D has no more chunks to split into (rounding slices up to whole chunks at most
+        // halves the count).
         if slices > 1 {
-            assert!(tiles * (slices - 1) < target, "{case}");
+            assert!(tiles * slices <= resident, "{case}");
+        }
+        if slices < d.div_ceil(PROJECT_CHUNK) && tiles < resident {
+            assert!(2 * tiles * (slices + 1) > resident, "{case}");
+        }
+    }
+}
+
+#[test]
+fn backward_token_ranges_fill_one_wave() {
+    for (multiprocessors, wave) in [(132, 32), (304, 64)] {
+        let limits = DeviceLimits {
+            wave,
+            multiprocessors,
+        };
+        for (tokens, streams, width) in [
+            (16384, 4, 1280),
+            (1024, 4, 2560),
+            (65536, 4, 2560),
+            (1, 4, 1280),
+            (40, 2, 7),
+            (4096, 8, 1032),
+        ] {
+            let shape = MhcShape {
+                streams,
+                width,
+                sinkhorn_iters: 20,
+                dynamic: true,
+            };
+            let g = COEFFS_BWD_X_SUM.geometry(&limits, &shape, DType::BF16, tokens);
+            let case = format!("T={tokens} n={streams} C={width} on {multiprocessors}: {g:?}");
+            let (d_blocks, ranges) = (g.grid.0 as usize, g.grid.1 as usize);
+            assert_eq!(
+                d_blocks,
+                (streams * width).div_ceil(g.block as usize * BWD_X_ELEMS_PER_THREAD),
+                "{case}"
+            );
+            // The ranges cover the tokens, none is empty, and (when there are several) none is
+            // much shorter than the chunk: rounding the range count up at most halves it.
+            assert!(ranges * g.split_len >= tokens, "{case}");
+            assert!((ranges - 1) * g.split_len < tokens, "{case}");
+            assert!(
+                ranges == 1 || 2 * g.split_len >= BWD_X_TOKEN_CHUNK,
+                "{case}"
+            );
+            // One wave of resident blocks, and no room left in it for another range of blocks
+            // unless the tokens ran out.
+            let resident = bwd_x_resident_blocks(streams) * multiprocessors;
+            assert!(ranges == 1 || d_blocks * ranges <= resident, "{case}");
+            assert!(
+                d_blocks * (ranges + 1) > resident || ranges >= tokens.div_ceil(BWD_X_TOKEN_CHUNK),
+                "{case}"
+            );
         }
     }
 }

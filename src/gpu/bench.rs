@@ -1,7 +1,8 @@
 //! Timing on a CUDA device for `mhc-train bench`: one mHC sublayer with F = RMSNorm (fused
 //! kernels against the candle-ops reference, forward and forward+backward), isolated ops
 //! (RMSNorm, sigmoid), correctness of fused bf16 against the f32 reference, peak pool memory.
-//! CUDA events around each call, warm-up first, the L2 cache flushed (an in-place 256 MB memset)
+//! The timed backward is seeded with an upstream gradient of x' (`SeedGradient`), as a training
+//! step's backward reaches the layer. CUDA events around each call, warm-up first, the L2 cache flushed (an in-place 256 MB memset)
 //! before every timed call, medians of `reps`. The device's memory pool keeps freed memory
 //! (`keep_freed_memory`), as a trainer's should; it is trimmed between variants so each one's
 //! peak starts from its own inputs.
@@ -24,7 +25,7 @@ use anyhow::{bail, Context};
 use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use std::sync::Arc;
 
 /// Bytes of the L2 flush write: well above the 50-60 MB L2 of an H100/H200.
@@ -112,6 +113,43 @@ struct Sublayer {
     alpha: Var,
     b: Var,
     gamma: Var,
+    /// Upstream gradient of x' for the timed backward (`SeedGradient`).
+    g: Tensor,
+}
+
+/// Seeds a backward pass with a given gradient of `out`, as a training step's backward reaches a
+/// layer with the next layer's gradient: `out.apply_op1(SeedGradient(g))?.backward()`. Its
+/// forward is a zero scalar and its backward hands `g` to `out` as it is. (`out.backward()` would
+/// seed with a tensor of ones: a fill of x' that is no part of the layer, 110 us at T = 16384,
+/// C = 1280 on an H200.)
+pub struct SeedGradient(pub Tensor);
+
+impl CustomOp1 for SeedGradient {
+    fn name(&self) -> &'static str {
+        "seed-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        Ok((candle_core::CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dev = &storage.device;
+        let zero = dev.alloc_zeros::<f32>(1)?;
+        Ok((super::mhc::wrap(dev, zero), Shape::from(())))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
 }
 
 impl Sublayer {
@@ -150,7 +188,17 @@ impl Sublayer {
             b: Var::from_tensor(&Tensor::randn(0f32, 1.0, k, device)?)?,
             // Not all ones: a gamma of ones would hide a kernel that ignores it.
             gamma: Var::from_tensor(&(Tensor::randn(0f32, 0.1, width, device)? + 1.0)?)?,
+            g: Tensor::randn(0f32, 1.0, (tokens, n, width), device)?.to_dtype(dtype)?,
         })
+    }
+
+    /// One forward and backward pass, the backward seeded with `g`.
+    fn forward_backward(&self, fused: bool) -> candle_core::Result<()> {
+        let seed = self
+            .forward(fused)?
+            .apply_op1(SeedGradient(self.g.clone()))?;
+        seed.backward()?;
+        Ok(())
     }
 
     /// The same sublayer with x upcast to f32 (parameters are f32 already): the reference's
@@ -164,6 +212,7 @@ impl Sublayer {
             alpha: copy(&self.alpha)?,
             b: copy(&self.b)?,
             gamma: copy(&self.gamma)?,
+            g: self.g.to_dtype(DType::F32)?,
         })
     }
 
@@ -236,7 +285,7 @@ pub fn bench_mhc(
                             Ok(())
                         });
                         let all = timer.median_ms(reps, || {
-                            layer.forward(fused)?.backward()?;
+                            layer.forward_backward(fused)?;
                             Ok(())
                         });
                         let cell = |r: &anyhow::Result<f64>, floor: f64| match r {
@@ -603,9 +652,10 @@ impl Bench {
                 // Not the input-making temporaries (x made in f32, then cast): only the calls.
                 self.pool.reset_peak()?;
                 let ms = self.timer.median_ms(reps, || {
-                    let out = layer.forward(fused)?;
                     if backward {
-                        out.backward()?;
+                        layer.forward_backward(fused)?;
+                    } else {
+                        layer.forward(fused)?;
                     }
                     Ok(())
                 })?;

@@ -102,20 +102,24 @@ pub enum Block {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grid {
     /// x over tiles of `PROJECT_TOKENS` tokens, y over slices of D = n*C: each slice a multiple
-    /// of `PROJECT_CHUNK` elements, as many slices as make about `PROJECT_BLOCKS_PER_MULTIPROCESSOR`
-    /// blocks per multiprocessor (so short inputs still fill the device). The slice length is
-    /// the kernel's `d_per_split` argument; the slice count sizes its partial output.
+    /// of `PROJECT_CHUNK` elements, as many slices as fit the grid in one wave of resident
+    /// blocks (`project_resident_blocks`), so short inputs still fill the device and no partial
+    /// second wave doubles the time. The slice length is the kernel's `d_per_split` argument;
+    /// the slice count sizes its partial output.
     ProjectTiles,
     /// One thread per token.
     ThreadPerToken,
+    /// One block per tile of `FINISH_TOKENS` tokens.
+    TokenTiles,
     /// Grid-stride over (token, vector chunk of C): one thread per chunk, at most
     /// `BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor.
     Chunks,
     /// Grid-stride over tokens, one block per token, capped like `Chunks`.
     BlockPerToken,
     /// x over the reduction axis D = n*C (`BWD_X_ELEMS_PER_THREAD` per thread), y over token
-    /// ranges: about two blocks per multiprocessor, ranges of at least `BWD_X_TOKEN_CHUNK` tokens.
-    /// The range length is the kernel's `tokens_per_split` argument (`Geometry::split_len`).
+    /// ranges of at least `BWD_X_TOKEN_CHUNK` tokens: as many ranges as fit the grid in one wave
+    /// of resident blocks (`bwd_x_resident_blocks`). The range length is the kernel's
+    /// `tokens_per_split` argument (`Geometry::split_len`).
     SplitD,
     /// Grid-stride over rows, one block per row at a time, at most
     /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor: each block sums its
@@ -133,6 +137,8 @@ pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
 /// `Grid::SplitD`: fewest tokens per range (each range adds one atomic pass over its slice of
 /// dphi, so no more ranges than needed to fill the device).
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
+/// `Grid::TokenTiles`: tokens per block (mirrors FINISH_TOKENS in kernels/mhc_coeffs.cu).
+pub const FINISH_TOKENS: usize = 32;
 /// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor.
 pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 8;
 /// `Grid::ColumnGroups`: columns per block (mirrors RN_SUM_COLUMNS in kernels/rms_norm.cu).
@@ -141,8 +147,35 @@ pub const DGAMMA_SUM_COLUMNS: usize = 8;
 /// per block, and the step along D whose multiples the slices are.
 pub const PROJECT_TOKENS: usize = 64;
 pub const PROJECT_CHUNK: usize = 64;
-/// `Grid::ProjectTiles`: blocks per multiprocessor the slicing of D aims for.
-pub const PROJECT_BLOCKS_PER_MULTIPROCESSOR: usize = 4;
+
+/// `Grid::ProjectTiles`: resident blocks per multiprocessor of the projection kernel, the
+/// occupancy its launch bounds ask for on NVIDIA (mirrors `proj_min_blocks` in
+/// kernels/mhc_coeffs.cu; on AMD the same numbers are an estimate).
+pub fn project_resident_blocks(streams: usize) -> usize {
+    if streams <= 4 {
+        5
+    } else {
+        2
+    }
+}
+
+/// `Grid::SplitD`: resident blocks per multiprocessor of the coefficient backward over x
+/// (mirrors `bwd_x_min_blocks` in kernels/mhc_coeffs.cu).
+pub fn bwd_x_resident_blocks(streams: usize) -> usize {
+    if streams <= 4 {
+        3
+    } else {
+        1
+    }
+}
+
+/// Splits of a grid of `blocks` blocks along y so that all of them fit one wave of `resident`
+/// blocks (at least one split, at most `max_splits`). A second, partial wave would leave most of
+/// the device idle while it runs: 768 projection blocks on the 660 resident slots of an H200
+/// took as long as two full waves.
+fn splits_for_one_wave(resident: usize, blocks: usize, max_splits: usize) -> usize {
+    (resident / blocks.max(1)).clamp(1, max_splits.max(1))
+}
 
 /// What a launch layer knows of its device for the launch rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,8 +287,8 @@ impl KernelSpec {
             Grid::ProjectTiles => {
                 let tiles = tokens.div_ceil(PROJECT_TOKENS);
                 let chunks = (n * shape.width).div_ceil(PROJECT_CHUNK).max(1);
-                let target = PROJECT_BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1);
-                let splits = target.div_ceil(tiles).clamp(1, chunks);
+                let resident = project_resident_blocks(n) * limits.multiprocessors.max(1);
+                let splits = splits_for_one_wave(resident, tiles, chunks);
                 let d_per_split = chunks.div_ceil(splits) * PROJECT_CHUNK;
                 (
                     (
@@ -266,6 +299,7 @@ impl KernelSpec {
                 )
             }
             Grid::ThreadPerToken => ((blocks(tokens, block, u32::MAX as usize), 1), 0),
+            Grid::TokenTiles => ((blocks(tokens, FINISH_TOKENS, u32::MAX as usize), 1), 0),
             Grid::Chunks => (
                 (
                     blocks(tokens * shape.width.div_ceil(vec_len), block, cap),
@@ -295,9 +329,9 @@ impl KernelSpec {
             Grid::SplitD => {
                 let d = n * shape.width;
                 let d_blocks = d.div_ceil(block * BWD_X_ELEMS_PER_THREAD).max(1);
-                let splits = (2 * limits.multiprocessors.max(1))
-                    .div_ceil(d_blocks)
-                    .clamp(1, tokens.div_ceil(BWD_X_TOKEN_CHUNK).max(1));
+                let resident = bwd_x_resident_blocks(n) * limits.multiprocessors.max(1);
+                let splits =
+                    splits_for_one_wave(resident, d_blocks, tokens.div_ceil(BWD_X_TOKEN_CHUNK));
                 let per_split = tokens.div_ceil(splits);
                 (
                     (d_blocks as u32, tokens.div_ceil(per_split) as u32),
@@ -352,8 +386,8 @@ pub const COEFFS_PROJECT: KernelSpec = KernelSpec {
     grid: Grid::ProjectTiles,
 };
 
-/// Dynamic coefficients, step 2: per token, the slices added, rms, scale/bias, activations,
-/// Sinkhorn; ext [T, 2k+1]. `splits` is the project launch's grid y.
+/// Dynamic coefficients, step 2: per tile of `FINISH_TOKENS` tokens, the slices added, rms,
+/// scale/bias, activations, Sinkhorn; ext [T, 2k+1]. `splits` is the project launch's grid y.
 pub const COEFFS_FINISH: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_finish",
@@ -369,7 +403,7 @@ pub const COEFFS_FINISH: KernelSpec = KernelSpec {
         I32("iters"),
     ],
     block: Block::Fixed(128),
-    grid: Grid::ThreadPerToken,
+    grid: Grid::TokenTiles,
 };
 
 /// Coefficient backward, per token (one thread each): dp [T, bwd_row_len(n)], Sinkhorn scratch
