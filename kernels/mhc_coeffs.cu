@@ -587,7 +587,7 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
 // Grid: x over the reduction axis D (BwdStep::COLS columns per block, one per thread: its k phi
 // values and k dphi sums live in registers), y over token ranges of `tokens_per_split`.
 //
-// SUM (the chained sublayer backward, .notes/OPS.md): dx also takes the other two contributions
+// SUM (the chained sublayer backward, docs/ops.md): dx also takes the other two contributions
 // of the sublayer, read in the same pass, so the sublayer's dx is written once:
 //   dx[t, j*C + c] += dx_post[t, j*C + c] + H_pre[t, j] * du[t, c]      (H_pre = h[t, 0..n))
 //

@@ -35,7 +35,7 @@ __device__ void pre_forward(const T* __restrict__ x, const float* __restrict__ h
 
 // Backward: one block per token (grid-stride over tokens). dx_j = H_pre[j] du,
 // dh[pre j] = <du, x_j>, the other dh columns 0. One read of x and du, one write of dx and dh.
-// WRITE_DX false (the chained sublayer backward, .notes/OPS.md): dh only; the coefficient
+// WRITE_DX false (the chained sublayer backward, docs/ops.md): dh only; the coefficient
 // backward adds H_pre[j] du to the sublayer's single dx.
 template <typename T, int N, bool WRITE_DX>
 __device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ h, const T* __restrict__ du,

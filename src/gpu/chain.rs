@@ -1,4 +1,4 @@
-//! CUDA launches of the chained sublayer backward (.notes/OPS.md, "Chained sublayer"): pre's
+//! CUDA launches of the chained sublayer backward (docs/ops.md, "Chained sublayer"): pre's
 //! backward computes dh only, and the coefficient backward writes the sublayer's single dx
 //! = dx_post + H_pre (x) du + phi dP^T + coef x in its one pass over x.
 

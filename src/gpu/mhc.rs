@@ -1,4 +1,4 @@
-//! CUDA launch layer of the fused mHC ops (.notes/OPS.md): each function checks shapes, allocates
+//! CUDA launch layer of the fused mHC ops (docs/ops.md): each function checks shapes, allocates
 //! its outputs on the device, and launches the kernels of `kernels/*.cu` on candle's stream.
 //!
 //! Launches per op: coeffs forward 2 (dynamic: the projection over slices of D into a partial

@@ -3,7 +3,7 @@
 //!
 //! - [`KERNELS`]: one table of every kernel's name and argument list, the contract between the
 //!   `.cu` sources and any launch layer (CUDA here; a HIP one can share it).
-//! - [`mhc`]: the functions of `.notes/OPS.md` that `crate::mhc::ops` delegates to.
+//! - [`mhc`]: the functions of `docs/ops.md` that `crate::mhc::ops` delegates to.
 //! - [`rms_norm`]: the launches of `crate::model::rms_norm`'s kernels.
 //! - [`selftest`]: fused kernels against the candle-ops reference on the device.
 //! - [`bench`]: fused vs reference timings of one mHC sublayer.
@@ -449,7 +449,7 @@ pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
     grid: Grid::SplitD,
 };
 
-/// The chained sublayer backward (.notes/OPS.md): `COEFFS_BWD_X` whose dx also sums post's dx
+/// The chained sublayer backward (docs/ops.md): `COEFFS_BWD_X` whose dx also sums post's dx
 /// and H_pre[j] du (h [T, k] contiguous, du [T, C]), so the sublayer's dx is written once.
 pub const COEFFS_BWD_X_SUM: KernelSpec = KernelSpec {
     module: Module::Coeffs,

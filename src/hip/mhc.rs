@@ -8,7 +8,7 @@
 //! finish, through the partial sums in `CoeffsScratch`) or 1 (static); coeffs backward 1
 //! (static) or 2 (dynamic; the second also sums the sublayer's dx when chained), plus the zeroing
 //! of the accumulated dphi / dalpha_b; pre and post 1 each way.
-//! Layouts as in .notes/OPS.md: x [T, n, C], h [T, k], ext and d_ext [T, 2k + 1], phi [nC, k],
+//! Layouts as in docs/ops.md: x [T, n, C], h [T, k], ext and d_ext [T, 2k + 1], phi [nC, k],
 //! alpha_b [3 + k].
 
 use super::rms_norm::RmsNorm;

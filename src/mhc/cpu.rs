@@ -1,6 +1,6 @@
 //! CPU kernels of the fused mHC ops: plain Rust, one token at a time, tokens in parallel (rayon).
 //!
-//! The algorithm is the one the GPU kernels run (spec/mhc.md, .notes/OPS.md): all arithmetic and
+//! The algorithm is the one the GPU kernels run (spec/mhc.md, docs/ops.md): all arithmetic and
 //! accumulation in f32, whatever the storage dtype of x. Every output buffer starts filled with NaN
 //! and each element is then written exactly once, so an element a kernel forgot would show up as
 //! NaN in the tests (the "poisoned outputs" rule) instead of a plausible zero.

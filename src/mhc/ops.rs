@@ -1,4 +1,4 @@
-//! The fused mHC ops as candle custom ops (interface: .notes/OPS.md, math: spec/mhc.md).
+//! The fused mHC ops as candle custom ops (interface: docs/ops.md, math: spec/mhc.md).
 //!
 //! `coeffs`, `pre` and `post` have the signatures of `super::reference`. Each op has a CPU forward
 //! (Rust in `super::cpu`), a CUDA forward (kernels through `crate::gpu::mhc`) and an exact backward
