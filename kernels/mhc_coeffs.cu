@@ -78,19 +78,28 @@ __device__ void sinkhorn_backward(const float (&l)[N][N], float (&dm)[N][N], int
 #pragma unroll
         for (int j = 0; j < N; ++j) m[i][j] = l[i][j];
     sinkhorn<N>(m, iters, den, stride);
-    for (int h = 2 * iters - 1; h >= 0; --h) {
-        float d[N];
+    // The denominators of the next half-step down are loaded while this one computes: the walk
+    // is a chain of 2 * iters dependent half-steps, each otherwise waiting on its loads.
+    float d[N], d_next[N];
 #pragma unroll
-        for (int i = 0; i < N; ++i) d[i] = den[(h * N + i) * stride];
+    for (int i = 0; i < N; ++i) d_next[i] = iters > 0 ? den[((2 * iters - 1) * N + i) * stride] : 1.0f;
+    for (int h = 2 * iters - 1; h >= 0; --h) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) d[i] = d_next[i];
+        if (h > 0) {
+#pragma unroll
+            for (int i = 0; i < N; ++i) d_next[i] = den[((h - 1) * N + i) * stride];
+        }
         if (h & 1) {
 #pragma unroll
             for (int i = 0; i < N; ++i) {
                 float dot = 0.0f;
 #pragma unroll
                 for (int j = 0; j < N; ++j) dot += dm[i][j] * m[i][j];
+                const float inv = 1.0f / d[i];
 #pragma unroll
                 for (int j = 0; j < N; ++j) {
-                    dm[i][j] = (dm[i][j] - dot) / d[i];
+                    dm[i][j] = (dm[i][j] - dot) * inv;
                     m[i][j] *= d[i];
                 }
             }

@@ -1,59 +1,17 @@
-//! CUDA launches of the chained sublayer backward (docs/ops.md, "Chained sublayer"): pre's
-//! backward computes dh only, and the coefficient backward writes the sublayer's single dx
-//! = dx_post + H_pre (x) du + phi dP^T + coef x in its one pass over x.
+//! CUDA launch of the chained sublayer's coefficient backward (docs/ops.md, "The chained
+//! sublayer"): pre's backward computes dh only (`mhc::pre_backward` without dx), and this one
+//! writes the sublayer's single dx = dx_post + H_pre (x) du + phi dP^T + coef x in its one pass
+//! over x.
 
 use super::mhc::{
-    alloc_out, cfg, check_dims, coeffs_backward_token, cuda_storage, function, limits, tensor,
-    tokens_of, view, wrap, StorageElem,
+    alloc_out, cfg, check_dims, coeffs_backward_token, cuda_storage, dispatch_storage, function,
+    limits, tensor, view, wrap,
 };
-use super::{COEFFS_BWD_X_SUM, PRE_BWD_DH};
+use super::COEFFS_BWD_X_SUM;
 use crate::mhc::MhcShape;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Result, Storage, Tensor};
-use half::bf16;
-
-/// dh [T, k] f32 of pre (only the pre columns non-zero), without pre's dx.
-pub fn pre_backward_dh(shape: &MhcShape, x: &Tensor, h: &Tensor, du: &Tensor) -> Result<Tensor> {
-    match x.dtype() {
-        DType::F32 => pre_backward_dh_t::<f32>(shape, x, h, du),
-        DType::BF16 => pre_backward_dh_t::<bf16>(shape, x, h, du),
-        other => bail!("mhc-pre backward: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-fn pre_backward_dh_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &Tensor,
-    h: &Tensor,
-    du: &Tensor,
-) -> Result<Tensor> {
-    let op = "mhc-pre backward (chained)";
-    let (n, c, k) = (shape.streams, shape.width, shape.k());
-    let tokens = tokens_of(op, shape, x.dims())?;
-    check_dims(op, "h", h.dims(), &[tokens, k])?;
-    check_dims(op, "du", du.dims(), &[tokens, c])?;
-    let (x, h, du) = (x.contiguous()?, h.contiguous()?, du.contiguous()?);
-    cuda_storage!(op, "x", x => x_s, x_l);
-    cuda_storage!(op, "h", h => h_s, h_l);
-    cuda_storage!(op, "du", du => du_s, du_l);
-    let dev = &x_s.device;
-    let mut dh = alloc_out::<f32>(dev, tokens * k)?;
-    if tokens > 0 {
-        let func = function(dev, &PRE_BWD_DH, x.dtype(), n)?;
-        let geometry = PRE_BWD_DH.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let x_v = view::<T>(op, "x", x_s, x_l)?;
-        let h_v = view::<f32>(op, "h", h_s, h_l)?;
-        let du_v = view::<T>(op, "du", du_s, du_l)?;
-        let (tokens_i, c_i) = (tokens as i64, c as i64);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dh);
-        b.arg(&tokens_i).arg(&c_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    Ok(tensor(wrap(dev, dh), (tokens, k)))
-}
 
 /// Dynamic-mode coefficient backward that also sums the sublayer's other dx contributions:
 /// (dx = dx_post + H_pre (x) du + phi dP^T + coef x, dphi, dalpha_b). dx_post [T, n, C] and du
@@ -70,70 +28,49 @@ pub fn coeffs_backward_sum(
     du: &Tensor,
     h: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    match x.dtype() {
-        DType::F32 => {
-            coeffs_backward_sum_t::<f32>(shape, x, phi, alpha_b, ext, d_ext, dx_post, du, h)
-        }
-        DType::BF16 => {
-            coeffs_backward_sum_t::<bf16>(shape, x, phi, alpha_b, ext, d_ext, dx_post, du, h)
-        }
-        other => bail!("mhc-coeffs backward: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn coeffs_backward_sum_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &Tensor,
-    phi: &Tensor,
-    alpha_b: &Tensor,
-    ext: &Tensor,
-    d_ext: &Tensor,
-    dx_post: &Tensor,
-    du: &Tensor,
-    h: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "mhc-coeffs backward (chained)";
-    if !shape.dynamic {
-        bail!("{op}: static mode has no pass over x")
-    }
-    let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, d_ext)?;
-    let (n, c, k) = (shape.streams, shape.width, shape.k());
-    let tokens = x.dims()[0];
-    let d = n * c;
-    check_dims(op, "dx_post", dx_post.dims(), x.dims())?;
-    check_dims(op, "du", du.dims(), &[tokens, c])?;
-    check_dims(op, "h", h.dims(), &[tokens, k])?;
-    let (dx_post, du, h) = (dx_post.contiguous()?, du.contiguous()?, h.contiguous()?);
-    cuda_storage!(op, "x", x => x_s, x_l);
-    cuda_storage!(op, "phi", phi => phi_s, phi_l);
-    cuda_storage!(op, "dx_post", dx_post => dx_post_s, dx_post_l);
-    cuda_storage!(op, "du", du => du_s, du_l);
-    cuda_storage!(op, "h", h => h_s, h_l);
-    let dev = &x_s.device;
-    let mut dx = alloc_out::<T>(dev, tokens * d)?;
-    let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
-    if tokens > 0 && d > 0 {
-        let func = function(dev, &COEFFS_BWD_X_SUM, x.dtype(), n)?;
-        let geometry = COEFFS_BWD_X_SUM.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let x_v = view::<T>(op, "x", x_s, x_l)?;
-        let phi_v = view::<f32>(op, "phi", phi_s, phi_l)?;
-        let dx_post_v = view::<T>(op, "dx_post", dx_post_s, dx_post_l)?;
-        let du_v = view::<T>(op, "du", du_s, du_l)?;
-        let h_v = view::<f32>(op, "h", h_s, h_l)?;
-        let (tokens_i, d_i, c_i) = (tokens as i64, d as i64, c as i64);
-        let per_split_i = geometry.split_len as i64;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v).arg(&phi_v).arg(&dp);
-        b.arg(&dx_post_v).arg(&du_v).arg(&h_v);
-        b.arg(&mut dx).arg(&mut dphi);
-        b.arg(&tokens_i).arg(&d_i).arg(&c_i).arg(&per_split_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    Ok((
-        tensor(wrap(dev, dx), (tokens, n, c)),
-        tensor(wrap(dev, dphi), (d, k)),
-        dalpha_b,
-    ))
+    dispatch_storage!(op, x.dtype(), T => {
+        if !shape.dynamic {
+            bail!("{op}: static mode has no pass over x")
+        }
+        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, d_ext)?;
+        let (n, c, k) = (shape.streams, shape.width, shape.k());
+        let tokens = x.dims()[0];
+        let d = n * c;
+        check_dims(op, "dx_post", dx_post.dims(), x.dims())?;
+        check_dims(op, "du", du.dims(), &[tokens, c])?;
+        check_dims(op, "h", h.dims(), &[tokens, k])?;
+        let (dx_post, du, h) = (dx_post.contiguous()?, du.contiguous()?, h.contiguous()?);
+        cuda_storage!(op, "x", x => x_s, x_l);
+        cuda_storage!(op, "phi", phi => phi_s, phi_l);
+        cuda_storage!(op, "dx_post", dx_post => dx_post_s, dx_post_l);
+        cuda_storage!(op, "du", du => du_s, du_l);
+        cuda_storage!(op, "h", h => h_s, h_l);
+        let dev = &x_s.device;
+        let mut dx = alloc_out::<T>(dev, tokens * d)?;
+        let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
+        if tokens > 0 && d > 0 {
+            let func = function(dev, &COEFFS_BWD_X_SUM, x.dtype(), n)?;
+            let geometry = COEFFS_BWD_X_SUM.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+            let x_v = view::<T>(op, "x", x_s, x_l)?;
+            let phi_v = view::<f32>(op, "phi", phi_s, phi_l)?;
+            let dx_post_v = view::<T>(op, "dx_post", dx_post_s, dx_post_l)?;
+            let du_v = view::<T>(op, "du", du_s, du_l)?;
+            let h_v = view::<f32>(op, "h", h_s, h_l)?;
+            let (tokens_i, d_i, c_i) = (tokens as i64, d as i64, c as i64);
+            let per_split_i = geometry.split_len as i64;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&x_v).arg(&phi_v).arg(&dp);
+            b.arg(&dx_post_v).arg(&du_v).arg(&h_v);
+            b.arg(&mut dx).arg(&mut dphi);
+            b.arg(&tokens_i).arg(&d_i).arg(&c_i).arg(&per_split_i);
+            unsafe { b.launch(cfg(&geometry)) }.w()?;
+        }
+        Ok((
+            tensor(wrap(dev, dx), (tokens, n, c)),
+            tensor(wrap(dev, dphi), (d, k)),
+            dalpha_b,
+        ))
+    })
 }

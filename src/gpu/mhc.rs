@@ -8,7 +8,7 @@
 
 use super::{
     bwd_row_len, DeviceLimits, Geometry, KernelSpec, Module, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
-    COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_FWD,
+    COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
@@ -197,6 +197,28 @@ macro_rules! cuda_storage {
 }
 pub(super) use cuda_storage;
 
+/// Runs `$body` with `$T` bound to the storage element type of the kernels' x (f32 or bf16),
+/// or fails naming the op: the launch functions are written once, for any `StorageElem`.
+macro_rules! dispatch_storage {
+    ($op:expr, $dtype:expr, $T:ident => $body:block) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            other => bail!(
+                "{}: x dtype {other:?} is not supported on CUDA (f32 or bf16)",
+                $op
+            ),
+        }
+    };
+}
+pub(super) use dispatch_storage;
+
 // ------------------------------------------------------------------------------------------------
 // coeffs
 
@@ -210,71 +232,57 @@ pub fn coeffs_forward(
     alpha_b: &CudaStorage,
     alpha_b_l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match x.dtype() {
-        DType::F32 => coeffs_forward_t::<f32>(shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l),
-        DType::BF16 => coeffs_forward_t::<bf16>(shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l),
-        other => bail!("mhc-coeffs: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-fn coeffs_forward_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &CudaStorage,
-    x_l: &Layout,
-    phi: &CudaStorage,
-    phi_l: &Layout,
-    alpha_b: &CudaStorage,
-    alpha_b_l: &Layout,
-) -> Result<(CudaStorage, Shape)> {
     let op = "mhc-coeffs";
-    let dev = &x.device;
-    let (n, k) = (shape.streams, shape.k());
-    let tokens = tokens_of(op, shape, x_l.dims())?;
-    let d = n * shape.width;
-    check_dims(op, "alpha_b", alpha_b_l.dims(), &[3 + k])?;
-    check_dims(
-        op,
-        "phi",
-        phi_l.dims(),
-        &[if shape.dynamic { d } else { 0 }, k],
-    )?;
-    let alpha_b = view::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
-    let ext_len = tokens * (2 * k + 1);
-    let mut ext = alloc_out::<f32>(dev, ext_len)?;
-    let (tokens_i, iters) = (tokens as i64, shape.sinkhorn_iters as i32);
-    if tokens > 0 {
-        let dtype = x.dtype();
-        if shape.dynamic {
-            let x = view::<T>(op, "x", x, x_l)?;
-            let phi = view::<f32>(op, "phi", phi, phi_l)?;
-            let limits = limits(dev)?;
-            let project = COEFFS_PROJECT.geometry(&limits, shape, dtype, tokens);
-            let splits = project.grid.1 as usize;
-            let mut partial = alloc_out::<f32>(dev, splits * tokens * (k + 1))?;
-            let (d_i, d_per_split_i, splits_i) =
-                (d as i64, project.split_len as i64, splits as i32);
-            let stream = dev.cuda_stream();
-            let func = function(dev, &COEFFS_PROJECT, dtype, n)?;
-            let mut b = stream.launch_builder(&func);
-            b.arg(&x).arg(&phi).arg(&mut partial);
-            b.arg(&tokens_i).arg(&d_i).arg(&d_per_split_i);
-            unsafe { b.launch(cfg(&project)) }.w()?;
-            let func = function(dev, &COEFFS_FINISH, dtype, n)?;
-            let finish = COEFFS_FINISH.geometry(&limits, shape, dtype, tokens);
-            let mut b = stream.launch_builder(&func);
-            b.arg(&partial).arg(&alpha_b).arg(&mut ext);
-            b.arg(&tokens_i).arg(&d_i).arg(&splits_i).arg(&iters);
-            unsafe { b.launch(cfg(&finish)) }.w()?;
-        } else {
-            let func = function(dev, &COEFFS_STATIC, dtype, n)?;
-            let geometry = COEFFS_STATIC.geometry(&limits(dev)?, shape, dtype, tokens);
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&func);
-            b.arg(&alpha_b).arg(&mut ext).arg(&tokens_i).arg(&iters);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+    dispatch_storage!(op, x.dtype(), T => {
+        let dev = &x.device;
+        let (n, k) = (shape.streams, shape.k());
+        let tokens = tokens_of(op, shape, x_l.dims())?;
+        let d = n * shape.width;
+        check_dims(op, "alpha_b", alpha_b_l.dims(), &[3 + k])?;
+        check_dims(
+            op,
+            "phi",
+            phi_l.dims(),
+            &[if shape.dynamic { d } else { 0 }, k],
+        )?;
+        let alpha_b = view::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
+        let ext_len = tokens * (2 * k + 1);
+        let mut ext = alloc_out::<f32>(dev, ext_len)?;
+        let (tokens_i, iters) = (tokens as i64, shape.sinkhorn_iters as i32);
+        if tokens > 0 {
+            let dtype = x.dtype();
+            if shape.dynamic {
+                let x = view::<T>(op, "x", x, x_l)?;
+                let phi = view::<f32>(op, "phi", phi, phi_l)?;
+                let limits = limits(dev)?;
+                let project = COEFFS_PROJECT.geometry(&limits, shape, dtype, tokens);
+                let splits = project.grid.1 as usize;
+                let mut partial = alloc_out::<f32>(dev, splits * tokens * (k + 1))?;
+                let (d_i, d_per_split_i, splits_i) =
+                    (d as i64, project.split_len as i64, splits as i32);
+                let stream = dev.cuda_stream();
+                let func = function(dev, &COEFFS_PROJECT, dtype, n)?;
+                let mut b = stream.launch_builder(&func);
+                b.arg(&x).arg(&phi).arg(&mut partial);
+                b.arg(&tokens_i).arg(&d_i).arg(&d_per_split_i);
+                unsafe { b.launch(cfg(&project)) }.w()?;
+                let func = function(dev, &COEFFS_FINISH, dtype, n)?;
+                let finish = COEFFS_FINISH.geometry(&limits, shape, dtype, tokens);
+                let mut b = stream.launch_builder(&func);
+                b.arg(&partial).arg(&alpha_b).arg(&mut ext);
+                b.arg(&tokens_i).arg(&d_i).arg(&splits_i).arg(&iters);
+                unsafe { b.launch(cfg(&finish)) }.w()?;
+            } else {
+                let func = function(dev, &COEFFS_STATIC, dtype, n)?;
+                let geometry = COEFFS_STATIC.geometry(&limits(dev)?, shape, dtype, tokens);
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&func);
+                b.arg(&alpha_b).arg(&mut ext).arg(&tokens_i).arg(&iters);
+                unsafe { b.launch(cfg(&geometry)) }.w()?;
+            }
         }
-    }
-    Ok((wrap(dev, ext), Shape::from((tokens, 2 * k + 1))))
+        Ok((wrap(dev, ext), Shape::from((tokens, 2 * k + 1))))
+    })
 }
 
 /// CoeffsOp backward: (dx, dphi, dalpha_b); dx and dphi are None in static mode. Only the first
@@ -287,50 +295,37 @@ pub fn coeffs_backward(
     ext: &Tensor,
     d_ext: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
-    match x.dtype() {
-        DType::F32 => coeffs_backward_t::<f32>(shape, x, phi, alpha_b, ext, d_ext),
-        DType::BF16 => coeffs_backward_t::<bf16>(shape, x, phi, alpha_b, ext, d_ext),
-        other => bail!("mhc-coeffs backward: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-fn coeffs_backward_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &Tensor,
-    phi: &Tensor,
-    alpha_b: &Tensor,
-    ext: &Tensor,
-    d_ext: &Tensor,
-) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
     let op = "mhc-coeffs backward";
-    let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, d_ext)?;
-    if !shape.dynamic {
-        return Ok((None, None, dalpha_b));
-    }
-    let (n, k) = (shape.streams, shape.k());
-    let tokens = x.dims()[0];
-    let d = n * shape.width;
-    cuda_storage!(op, "x", x => x_s, x_l);
-    cuda_storage!(op, "phi", phi => phi_s, phi_l);
-    let dev = &x_s.device;
-    let x_v = view::<T>(op, "x", x_s, x_l)?;
-    let phi_v = view::<f32>(op, "phi", phi_s, phi_l)?;
-    let mut dx = alloc_out::<T>(dev, tokens * d)?;
-    let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
-    if tokens > 0 && d > 0 {
-        let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
-        let geometry = COEFFS_BWD_X.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let per_split_i = geometry.split_len as i64;
-        let (tokens_i, d_i) = (tokens as i64, d as i64);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
-        b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));
-    let dphi = tensor(wrap(dev, dphi), (d, k));
-    Ok((Some(dx), Some(dphi), dalpha_b))
+    dispatch_storage!(op, x.dtype(), T => {
+        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, d_ext)?;
+        if !shape.dynamic {
+            return Ok((None, None, dalpha_b));
+        }
+        let (n, k) = (shape.streams, shape.k());
+        let tokens = x.dims()[0];
+        let d = n * shape.width;
+        cuda_storage!(op, "x", x => x_s, x_l);
+        cuda_storage!(op, "phi", phi => phi_s, phi_l);
+        let dev = &x_s.device;
+        let x_v = view::<T>(op, "x", x_s, x_l)?;
+        let phi_v = view::<f32>(op, "phi", phi_s, phi_l)?;
+        let mut dx = alloc_out::<T>(dev, tokens * d)?;
+        let mut dphi = dev.alloc_zeros::<f32>(d * k)?;
+        if tokens > 0 && d > 0 {
+            let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
+            let geometry = COEFFS_BWD_X.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+            let per_split_i = geometry.split_len as i64;
+            let (tokens_i, d_i) = (tokens as i64, d as i64);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
+            b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
+            unsafe { b.launch(cfg(&geometry)) }.w()?;
+        }
+        let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));
+        let dphi = tensor(wrap(dev, dphi), (d, k));
+        Ok((Some(dx), Some(dphi), dalpha_b))
+    })
 }
 
 /// The per-token stage of the coefficient backward (activations, Sinkhorn VJP): dp [T,
@@ -398,89 +393,82 @@ pub fn pre_forward(
     h: &CudaStorage,
     h_l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match x.dtype() {
-        DType::F32 => pre_forward_t::<f32>(shape, x, x_l, h, h_l),
-        DType::BF16 => pre_forward_t::<bf16>(shape, x, x_l, h, h_l),
-        other => bail!("mhc-pre: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-fn pre_forward_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &CudaStorage,
-    x_l: &Layout,
-    h: &CudaStorage,
-    h_l: &Layout,
-) -> Result<(CudaStorage, Shape)> {
     let op = "mhc-pre";
-    let dev = &x.device;
-    let (n, c) = (shape.streams, shape.width);
-    let tokens = tokens_of(op, shape, x_l.dims())?;
-    check_dims(op, "h", h_l.dims(), &[tokens, shape.k()])?;
-    let mut u = alloc_out::<T>(dev, tokens * c)?;
-    if tokens > 0 && c > 0 {
-        let func = function(dev, &PRE_FWD, x.dtype(), n)?;
-        let geometry = PRE_FWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let x_v = view::<T>(op, "x", x, x_l)?;
-        let h_v = view::<f32>(op, "h", h, h_l)?;
-        let (tokens_i, c_i) = (tokens as i64, c as i64);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v).arg(&h_v).arg(&mut u).arg(&tokens_i).arg(&c_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    Ok((wrap(dev, u), Shape::from((tokens, c))))
+    dispatch_storage!(op, x.dtype(), T => {
+        let dev = &x.device;
+        let (n, c) = (shape.streams, shape.width);
+        let tokens = tokens_of(op, shape, x_l.dims())?;
+        check_dims(op, "h", h_l.dims(), &[tokens, shape.k()])?;
+        let mut u = alloc_out::<T>(dev, tokens * c)?;
+        if tokens > 0 && c > 0 {
+            let func = function(dev, &PRE_FWD, x.dtype(), n)?;
+            let geometry = PRE_FWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+            let x_v = view::<T>(op, "x", x, x_l)?;
+            let h_v = view::<f32>(op, "h", h, h_l)?;
+            let (tokens_i, c_i) = (tokens as i64, c as i64);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&x_v).arg(&h_v).arg(&mut u).arg(&tokens_i).arg(&c_i);
+            unsafe { b.launch(cfg(&geometry)) }.w()?;
+        }
+        Ok((wrap(dev, u), Shape::from((tokens, c))))
+    })
 }
 
-/// PreOp backward: (dx [T, n, C], dh [T, k] f32 with only the pre columns non-zero).
+/// PreOp backward: dh [T, k] f32 (only the pre columns non-zero) and, with `with_dx`, dx
+/// [T, n, C] in the same pass (`PRE_BWD`). Without it (`PRE_BWD_DH`), for the chained sublayer,
+/// whose coefficient backward adds pre's dx = H_pre (x) du into the sublayer's one dx.
 pub fn pre_backward(
     shape: &MhcShape,
     x: &Tensor,
     h: &Tensor,
     du: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    match x.dtype() {
-        DType::F32 => pre_backward_t::<f32>(shape, x, h, du),
-        DType::BF16 => pre_backward_t::<bf16>(shape, x, h, du),
-        other => bail!("mhc-pre backward: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-fn pre_backward_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &Tensor,
-    h: &Tensor,
-    du: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+    with_dx: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
     let op = "mhc-pre backward";
-    let (n, c, k) = (shape.streams, shape.width, shape.k());
-    let tokens = tokens_of(op, shape, x.dims())?;
-    check_dims(op, "h", h.dims(), &[tokens, k])?;
-    check_dims(op, "du", du.dims(), &[tokens, c])?;
-    let (x, h, du) = (x.contiguous()?, h.contiguous()?, du.contiguous()?);
-    cuda_storage!(op, "x", x => x_s, x_l);
-    cuda_storage!(op, "h", h => h_s, h_l);
-    cuda_storage!(op, "du", du => du_s, du_l);
-    let dev = &x_s.device;
-    let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
-    let mut dh = alloc_out::<f32>(dev, tokens * k)?;
-    if tokens > 0 {
-        let func = function(dev, &PRE_BWD, x.dtype(), n)?;
-        let geometry = PRE_BWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+    dispatch_storage!(op, x.dtype(), T => {
+        let (n, c, k) = (shape.streams, shape.width, shape.k());
+        let tokens = tokens_of(op, shape, x.dims())?;
+        check_dims(op, "h", h.dims(), &[tokens, k])?;
+        check_dims(op, "du", du.dims(), &[tokens, c])?;
+        let (x, h, du) = (x.contiguous()?, h.contiguous()?, du.contiguous()?);
+        cuda_storage!(op, "x", x => x_s, x_l);
+        cuda_storage!(op, "h", h => h_s, h_l);
+        cuda_storage!(op, "du", du => du_s, du_l);
+        let dev = &x_s.device;
+        let mut dh = alloc_out::<f32>(dev, tokens * k)?;
         let x_v = view::<T>(op, "x", x_s, x_l)?;
         let h_v = view::<f32>(op, "h", h_s, h_l)?;
         let du_v = view::<T>(op, "du", du_s, du_l)?;
         let (tokens_i, c_i) = (tokens as i64, c as i64);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dx).arg(&mut dh);
-        b.arg(&tokens_i).arg(&c_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    Ok((
-        tensor(wrap(dev, dx), (tokens, n, c)),
-        tensor(wrap(dev, dh), (tokens, k)),
-    ))
+        let (limits, stream) = (limits(dev)?, dev.cuda_stream());
+        let dx = if with_dx {
+            let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
+            if tokens > 0 {
+                let func = function(dev, &PRE_BWD, x.dtype(), n)?;
+                let geometry = PRE_BWD.geometry(&limits, shape, x.dtype(), tokens);
+                let mut b = stream.launch_builder(&func);
+                b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dx).arg(&mut dh);
+                b.arg(&tokens_i).arg(&c_i);
+                unsafe { b.launch(cfg(&geometry)) }.w()?;
+            }
+            Some(dx)
+        } else {
+            if tokens > 0 {
+                let func = function(dev, &PRE_BWD_DH, x.dtype(), n)?;
+                let geometry = PRE_BWD_DH.geometry(&limits, shape, x.dtype(), tokens);
+                let mut b = stream.launch_builder(&func);
+                b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dh);
+                b.arg(&tokens_i).arg(&c_i);
+                unsafe { b.launch(cfg(&geometry)) }.w()?;
+            }
+            None
+        };
+        Ok((
+            dx.map(|dx| tensor(wrap(dev, dx), (tokens, n, c))),
+            tensor(wrap(dev, dh), (tokens, k)),
+        ))
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -496,47 +484,33 @@ pub fn post_forward(
     y: &CudaStorage,
     y_l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match x.dtype() {
-        DType::F32 => post_forward_t::<f32>(shape, x, x_l, h, h_l, y, y_l),
-        DType::BF16 => post_forward_t::<bf16>(shape, x, x_l, h, h_l, y, y_l),
-        other => bail!("mhc-post: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-fn post_forward_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &CudaStorage,
-    x_l: &Layout,
-    h: &CudaStorage,
-    h_l: &Layout,
-    y: &CudaStorage,
-    y_l: &Layout,
-) -> Result<(CudaStorage, Shape)> {
     let op = "mhc-post";
-    let dev = &x.device;
-    let (n, c) = (shape.streams, shape.width);
-    let tokens = tokens_of(op, shape, x_l.dims())?;
-    check_dims(op, "h", h_l.dims(), &[tokens, shape.k()])?;
-    check_dims(op, "y", y_l.dims(), &[tokens, c])?;
-    let mut out = alloc_out::<T>(dev, tokens * n * c)?;
-    if tokens > 0 && c > 0 {
-        let func = function(dev, &POST_FWD, x.dtype(), n)?;
-        let geometry = POST_FWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let x_v = view::<T>(op, "x", x, x_l)?;
-        let h_v = view::<f32>(op, "h", h, h_l)?;
-        let y_v = view::<T>(op, "y", y, y_l)?;
-        let (tokens_i, c_i) = (tokens as i64, c as i64);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v)
-            .arg(&h_v)
-            .arg(&y_v)
-            .arg(&mut out)
-            .arg(&tokens_i)
-            .arg(&c_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    Ok((wrap(dev, out), Shape::from((tokens, n, c))))
+    dispatch_storage!(op, x.dtype(), T => {
+        let dev = &x.device;
+        let (n, c) = (shape.streams, shape.width);
+        let tokens = tokens_of(op, shape, x_l.dims())?;
+        check_dims(op, "h", h_l.dims(), &[tokens, shape.k()])?;
+        check_dims(op, "y", y_l.dims(), &[tokens, c])?;
+        let mut out = alloc_out::<T>(dev, tokens * n * c)?;
+        if tokens > 0 && c > 0 {
+            let func = function(dev, &POST_FWD, x.dtype(), n)?;
+            let geometry = POST_FWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+            let x_v = view::<T>(op, "x", x, x_l)?;
+            let h_v = view::<f32>(op, "h", h, h_l)?;
+            let y_v = view::<T>(op, "y", y, y_l)?;
+            let (tokens_i, c_i) = (tokens as i64, c as i64);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&x_v)
+                .arg(&h_v)
+                .arg(&y_v)
+                .arg(&mut out)
+                .arg(&tokens_i)
+                .arg(&c_i);
+            unsafe { b.launch(cfg(&geometry)) }.w()?;
+        }
+        Ok((wrap(dev, out), Shape::from((tokens, n, c))))
+    })
 }
 
 /// PostOp backward: (dx [T, n, C], dh [T, k] f32 with only post/res columns non-zero, dy [T, C]).
@@ -547,60 +521,48 @@ pub fn post_backward(
     y: &Tensor,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    match x.dtype() {
-        DType::F32 => post_backward_t::<f32>(shape, x, h, y, g),
-        DType::BF16 => post_backward_t::<bf16>(shape, x, h, y, g),
-        other => bail!("mhc-post backward: x dtype {other:?} is not supported (f32 or bf16)"),
-    }
-}
-
-fn post_backward_t<T: StorageElem>(
-    shape: &MhcShape,
-    x: &Tensor,
-    h: &Tensor,
-    y: &Tensor,
-    g: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "mhc-post backward";
-    let (n, c, k) = (shape.streams, shape.width, shape.k());
-    let tokens = tokens_of(op, shape, x.dims())?;
-    check_dims(op, "h", h.dims(), &[tokens, k])?;
-    check_dims(op, "y", y.dims(), &[tokens, c])?;
-    check_dims(op, "g", g.dims(), &[tokens, n, c])?;
-    let (x, h, y, g) = (
-        x.contiguous()?,
-        h.contiguous()?,
-        y.contiguous()?,
-        g.contiguous()?,
-    );
-    cuda_storage!(op, "x", x => x_s, x_l);
-    cuda_storage!(op, "h", h => h_s, h_l);
-    cuda_storage!(op, "y", y => y_s, y_l);
-    cuda_storage!(op, "g", g => g_s, g_l);
-    let dev = &x_s.device;
-    let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
-    let mut dh = alloc_out::<f32>(dev, tokens * k)?;
-    let mut dy = alloc_out::<T>(dev, tokens * c)?;
-    if tokens > 0 {
-        let func = function(dev, &POST_BWD, x.dtype(), n)?;
-        let geometry = POST_BWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-        let x_v = view::<T>(op, "x", x_s, x_l)?;
-        let h_v = view::<f32>(op, "h", h_s, h_l)?;
-        let y_v = view::<T>(op, "y", y_s, y_l)?;
-        let g_v = view::<T>(op, "g", g_s, g_l)?;
-        let (tokens_i, c_i) = (tokens as i64, c as i64);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x_v).arg(&h_v).arg(&y_v).arg(&g_v);
-        b.arg(&mut dx).arg(&mut dh).arg(&mut dy);
-        b.arg(&tokens_i).arg(&c_i);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
-    }
-    Ok((
-        tensor(wrap(dev, dx), (tokens, n, c)),
-        tensor(wrap(dev, dh), (tokens, k)),
-        tensor(wrap(dev, dy), (tokens, c)),
-    ))
+    dispatch_storage!(op, x.dtype(), T => {
+        let (n, c, k) = (shape.streams, shape.width, shape.k());
+        let tokens = tokens_of(op, shape, x.dims())?;
+        check_dims(op, "h", h.dims(), &[tokens, k])?;
+        check_dims(op, "y", y.dims(), &[tokens, c])?;
+        check_dims(op, "g", g.dims(), &[tokens, n, c])?;
+        let (x, h, y, g) = (
+            x.contiguous()?,
+            h.contiguous()?,
+            y.contiguous()?,
+            g.contiguous()?,
+        );
+        cuda_storage!(op, "x", x => x_s, x_l);
+        cuda_storage!(op, "h", h => h_s, h_l);
+        cuda_storage!(op, "y", y => y_s, y_l);
+        cuda_storage!(op, "g", g => g_s, g_l);
+        let dev = &x_s.device;
+        let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
+        let mut dh = alloc_out::<f32>(dev, tokens * k)?;
+        let mut dy = alloc_out::<T>(dev, tokens * c)?;
+        if tokens > 0 {
+            let func = function(dev, &POST_BWD, x.dtype(), n)?;
+            let geometry = POST_BWD.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+            let x_v = view::<T>(op, "x", x_s, x_l)?;
+            let h_v = view::<f32>(op, "h", h_s, h_l)?;
+            let y_v = view::<T>(op, "y", y_s, y_l)?;
+            let g_v = view::<T>(op, "g", g_s, g_l)?;
+            let (tokens_i, c_i) = (tokens as i64, c as i64);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&x_v).arg(&h_v).arg(&y_v).arg(&g_v);
+            b.arg(&mut dx).arg(&mut dh).arg(&mut dy);
+            b.arg(&tokens_i).arg(&c_i);
+            unsafe { b.launch(cfg(&geometry)) }.w()?;
+        }
+        Ok((
+            tensor(wrap(dev, dx), (tokens, n, c)),
+            tensor(wrap(dev, dh), (tokens, k)),
+            tensor(wrap(dev, dy), (tokens, c)),
+        ))
+    })
 }
 
 /// Makes the device's default memory pool keep freed memory (release threshold = u64::MAX)

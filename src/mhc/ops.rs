@@ -264,7 +264,7 @@ impl CustomOp2 for ChainedPreOp {
         let dh = match x.device() {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) if shape.dynamic => {
-                crate::gpu::chain::pre_backward_dh(shape, x, h, &du)?
+                crate::gpu::mhc::pre_backward(shape, x, h, &du, false)?.1
             }
             // Static mode on CUDA: pre's kernel computes dx and dh in one pass; dx goes to
             // autograd (the coefficient backward has no pass over x to fold it into).
@@ -570,7 +570,10 @@ pub fn pre_backward(
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::gpu::mhc::pre_backward(shape, x, h, &du),
+        Device::Cuda(_) => match crate::gpu::mhc::pre_backward(shape, x, h, &du, true)? {
+            (Some(dx), dh) => Ok((dx, dh)),
+            (None, _) => bail!("{op}: the CUDA launch returned no dx"),
+        },
         other => bail!("{op}: no implementation for device {:?}", other.location()),
     }
 }
