@@ -33,18 +33,26 @@ __device__ void pre_forward(const T* __restrict__ x, const float* __restrict__ h
     }
 }
 
+// What pre's backward does with dx_j = H_pre[j] du (docs/ops.md, "The chained sublayer").
+enum PreDx {
+    PRE_DX_NONE,    // dh only: the dynamic chained backward adds dx in the coefficient backward
+    PRE_DX_WRITE,   // dx written
+    PRE_DX_ADD_TO,  // dx = dx_post + H_pre[j] du written: the static chained backward's one dx
+};
+
 // Backward: one block per token (grid-stride over tokens). dx_j = H_pre[j] du,
-// dh[pre j] = <du, x_j>, the other dh columns 0. One read of x and du, one write of dx and dh.
-// WRITE_DX false (the chained sublayer backward, docs/ops.md): dh only; the coefficient
-// backward adds H_pre[j] du to the sublayer's single dx.
-template <typename T, int N, bool WRITE_DX>
+// dh[pre j] = <du, x_j>, the other dh columns 0. One read of x and du (and of dx_post when
+// adding to it), one write of dx and dh.
+template <typename T, int N, PreDx DX>
 __device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ h, const T* __restrict__ du,
-                             T* __restrict__ dx, float* __restrict__ dh, long long tokens, long long C) {
+                             const T* __restrict__ dx_post, T* __restrict__ dx, float* __restrict__ dh,
+                             long long tokens, long long C) {
     constexpr int K = N * N + 2 * N;
     constexpr int V = Vec<T, N>::len;
     __shared__ float scratch[(MAX_WAVES + 1) * N];
     const long long chunks = (C + V - 1) / V;
-    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(du, C) && (!WRITE_DX || pack_ok<T, V>(dx, C));
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(du, C) && (DX == PRE_DX_NONE || pack_ok<T, V>(dx, C)) &&
+                     (DX != PRE_DX_ADD_TO || pack_ok<T, V>(dx_post, C));
     for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
         float w[N], dot[N];
 #pragma unroll
@@ -58,14 +66,21 @@ __device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ 
             load_row<T, V>(du + t * C, c0, C, vec, g);
 #pragma unroll
             for (int j = 0; j < N; ++j) {
+                const long long row = (t * N + j) * C;
                 float xv[V], d[V];
-                load_row<T, V>(x + (t * N + j) * C, c0, C, vec, xv);
+                load_row<T, V>(x + row, c0, C, vec, xv);
+                if (DX == PRE_DX_ADD_TO) {
+                    load_row<T, V>(dx_post + row, c0, C, vec, d);
+                } else {
+#pragma unroll
+                    for (int q = 0; q < V; ++q) d[q] = 0.0f;
+                }
 #pragma unroll
                 for (int q = 0; q < V; ++q) {
                     dot[j] += g[q] * xv[q];
-                    d[q] = w[j] * g[q];
+                    d[q] += w[j] * g[q];
                 }
-                if (WRITE_DX) store_row<T, V>(dx + (t * N + j) * C, c0, C, vec, d);
+                if (DX != PRE_DX_NONE) store_row<T, V>(dx + row, c0, C, vec, d);
             }
         }
         const float* totals = block_sum<N>(dot, scratch);
@@ -80,45 +95,61 @@ __device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ 
 #define PRE_FWD_PARAMS(T) const T *x, const float *h, T *u, long long tokens, long long C
 #define PRE_BWD_PARAMS(T) const T *x, const float *h, const T *du, T *dx, float *dh, long long tokens, long long C
 #define PRE_BWD_DH_PARAMS(T) const T *x, const float *h, const T *du, float *dh, long long tokens, long long C
+#define PRE_BWD_SUM_PARAMS(T) \
+    const T *x, const float *h, const T *du, const T *dx_post, T *dx, float *dh, long long tokens, long long C
 extern "C" __global__ void mhc_pre_fwd_f32_n2(PRE_FWD_PARAMS(float)) { pre_forward<float, 2>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_f32_n2(PRE_BWD_PARAMS(float)) { pre_backward<float, 2, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_f32_n2(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 2, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n2(PRE_BWD_PARAMS(float)) { pre_backward<float, 2, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_f32_n2(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 2, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_f32_n2(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 2, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n2(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 2>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_bf16_n2(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_bf16_n2(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n2(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_bf16_n2(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_bf16_n2(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n3(PRE_FWD_PARAMS(float)) { pre_forward<float, 3>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_f32_n3(PRE_BWD_PARAMS(float)) { pre_backward<float, 3, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_f32_n3(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 3, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n3(PRE_BWD_PARAMS(float)) { pre_backward<float, 3, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_f32_n3(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 3, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_f32_n3(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 3, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n3(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 3>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_bf16_n3(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_bf16_n3(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n3(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_bf16_n3(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_bf16_n3(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n4(PRE_FWD_PARAMS(float)) { pre_forward<float, 4>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_f32_n4(PRE_BWD_PARAMS(float)) { pre_backward<float, 4, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_f32_n4(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 4, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n4(PRE_BWD_PARAMS(float)) { pre_backward<float, 4, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_f32_n4(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 4, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_f32_n4(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 4, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n4(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 4>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_bf16_n4(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_bf16_n4(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n4(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_bf16_n4(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_bf16_n4(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n5(PRE_FWD_PARAMS(float)) { pre_forward<float, 5>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_f32_n5(PRE_BWD_PARAMS(float)) { pre_backward<float, 5, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_f32_n5(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 5, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n5(PRE_BWD_PARAMS(float)) { pre_backward<float, 5, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_f32_n5(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 5, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_f32_n5(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 5, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n5(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 5>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_bf16_n5(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_bf16_n5(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n5(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_bf16_n5(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_bf16_n5(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n6(PRE_FWD_PARAMS(float)) { pre_forward<float, 6>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_f32_n6(PRE_BWD_PARAMS(float)) { pre_backward<float, 6, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_f32_n6(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 6, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n6(PRE_BWD_PARAMS(float)) { pre_backward<float, 6, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_f32_n6(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 6, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_f32_n6(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 6, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n6(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 6>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_bf16_n6(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_bf16_n6(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n6(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_bf16_n6(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_bf16_n6(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n7(PRE_FWD_PARAMS(float)) { pre_forward<float, 7>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_f32_n7(PRE_BWD_PARAMS(float)) { pre_backward<float, 7, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_f32_n7(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 7, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n7(PRE_BWD_PARAMS(float)) { pre_backward<float, 7, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_f32_n7(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 7, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_f32_n7(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 7, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n7(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 7>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_bf16_n7(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_bf16_n7(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n7(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_bf16_n7(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_bf16_n7(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n8(PRE_FWD_PARAMS(float)) { pre_forward<float, 8>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_f32_n8(PRE_BWD_PARAMS(float)) { pre_backward<float, 8, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_f32_n8(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 8, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_f32_n8(PRE_BWD_PARAMS(float)) { pre_backward<float, 8, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_f32_n8(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 8, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_f32_n8(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 8, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n8(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 8>(x, h, u, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_bf16_n8(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, true>(x, h, du, dx, dh, tokens, C); }
-extern "C" __global__ void mhc_pre_bwd_dh_bf16_n8(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, false>(x, h, du, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_bf16_n8(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dh_bf16_n8(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_sum_bf16_n8(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }

@@ -10,12 +10,12 @@
 
 use mhc_train::gpu::{
     Arg, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_BWD_X_SUM, COEFFS_FINISH,
-    COEFFS_PROJECT, COEFFS_STATIC, KERNELS, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_FWD,
-    RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
+    COEFFS_PROJECT, COEFFS_STATIC, KERNELS, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_BWD_SUM,
+    PRE_FWD, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
 };
 
 /// The table's constants by name, as the launch layers spell them.
-const SPECS: [(&str, KernelSpec); 14] = [
+const SPECS: [(&str, KernelSpec); 15] = [
     ("COEFFS_STATIC", COEFFS_STATIC),
     ("COEFFS_PROJECT", COEFFS_PROJECT),
     ("COEFFS_FINISH", COEFFS_FINISH),
@@ -25,6 +25,7 @@ const SPECS: [(&str, KernelSpec); 14] = [
     ("PRE_FWD", PRE_FWD),
     ("PRE_BWD", PRE_BWD),
     ("PRE_BWD_DH", PRE_BWD_DH),
+    ("PRE_BWD_SUM", PRE_BWD_SUM),
     ("POST_FWD", POST_FWD),
     ("POST_BWD", POST_BWD),
     ("RMS_NORM_FWD", RMS_NORM_FWD),

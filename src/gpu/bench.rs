@@ -493,7 +493,7 @@ impl Bench {
                     "pre bwd",
                     2.0 * xb + ub,
                     Box::new(|| {
-                        super::mhc::pre_backward(&shape, &x, &h, &y, true)?;
+                        super::mhc::pre_backward(&shape, &x, &h, &y, super::mhc::PreDx::Write)?;
                         Ok(())
                     }),
                 ),
@@ -527,7 +527,7 @@ impl Bench {
                     "pre bwd, dh only (chained)",
                     xb + ub,
                     Box::new(|| {
-                        super::mhc::pre_backward(&shape, &x, &h, &y, false)?;
+                        super::mhc::pre_backward(&shape, &x, &h, &y, super::mhc::PreDx::None)?;
                         Ok(())
                     }),
                 ),

@@ -8,7 +8,8 @@
 
 use super::{
     bwd_row_len, DeviceLimits, Geometry, KernelSpec, Module, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
-    COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_FWD,
+    COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH,
+    PRE_BWD_SUM, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
@@ -415,15 +416,26 @@ pub fn pre_forward(
     })
 }
 
-/// PreOp backward: dh [T, k] f32 (only the pre columns non-zero) and, with `with_dx`, dx
-/// [T, n, C] in the same pass (`PRE_BWD`). Without it (`PRE_BWD_DH`), for the chained sublayer,
-/// whose coefficient backward adds pre's dx = H_pre (x) du into the sublayer's one dx.
+/// What pre's backward does with its dx term H_pre (x) du (docs/ops.md).
+#[derive(Clone, Copy)]
+pub enum PreDx<'a> {
+    /// dh only (`PRE_BWD_DH`): the dynamic chained backward adds the term in the coefficient
+    /// backward's pass over x.
+    None,
+    /// dx written (`PRE_BWD`).
+    Write,
+    /// dx = dx_post + H_pre (x) du written (`PRE_BWD_SUM`): the static chained backward's one dx.
+    AddTo(&'a Tensor),
+}
+
+/// PreOp backward: dx [T, n, C] as `dx` says (None for `PreDx::None`) and dh [T, k] f32 (only
+/// the pre columns non-zero), in one pass.
 pub fn pre_backward(
     shape: &MhcShape,
     x: &Tensor,
     h: &Tensor,
     du: &Tensor,
-    with_dx: bool,
+    dx: PreDx,
 ) -> Result<(Option<Tensor>, Tensor)> {
     let op = "mhc-pre backward";
     dispatch_storage!(op, x.dtype(), T => {
@@ -442,27 +454,46 @@ pub fn pre_backward(
         let du_v = view::<T>(op, "du", du_s, du_l)?;
         let (tokens_i, c_i) = (tokens as i64, c as i64);
         let (limits, stream) = (limits(dev)?, dev.cuda_stream());
-        let dx = if with_dx {
-            let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
-            if tokens > 0 {
-                let func = function(dev, &PRE_BWD, x.dtype(), n)?;
-                let geometry = PRE_BWD.geometry(&limits, shape, x.dtype(), tokens);
-                let mut b = stream.launch_builder(&func);
-                b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dx).arg(&mut dh);
-                b.arg(&tokens_i).arg(&c_i);
-                unsafe { b.launch(cfg(&geometry)) }.w()?;
+        let dx = match dx {
+            PreDx::None => {
+                if tokens > 0 {
+                    let func = function(dev, &PRE_BWD_DH, x.dtype(), n)?;
+                    let geometry = PRE_BWD_DH.geometry(&limits, shape, x.dtype(), tokens);
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dh);
+                    b.arg(&tokens_i).arg(&c_i);
+                    unsafe { b.launch(cfg(&geometry)) }.w()?;
+                }
+                None
             }
-            Some(dx)
-        } else {
-            if tokens > 0 {
-                let func = function(dev, &PRE_BWD_DH, x.dtype(), n)?;
-                let geometry = PRE_BWD_DH.geometry(&limits, shape, x.dtype(), tokens);
-                let mut b = stream.launch_builder(&func);
-                b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dh);
-                b.arg(&tokens_i).arg(&c_i);
-                unsafe { b.launch(cfg(&geometry)) }.w()?;
+            PreDx::Write => {
+                let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
+                if tokens > 0 {
+                    let func = function(dev, &PRE_BWD, x.dtype(), n)?;
+                    let geometry = PRE_BWD.geometry(&limits, shape, x.dtype(), tokens);
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dx).arg(&mut dh);
+                    b.arg(&tokens_i).arg(&c_i);
+                    unsafe { b.launch(cfg(&geometry)) }.w()?;
+                }
+                Some(dx)
             }
-            None
+            PreDx::AddTo(dx_post) => {
+                check_dims(op, "dx_post", dx_post.dims(), x.dims())?;
+                let dx_post = dx_post.contiguous()?;
+                cuda_storage!(op, "dx_post", dx_post => dx_post_s, dx_post_l);
+                let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
+                if tokens > 0 {
+                    let func = function(dev, &PRE_BWD_SUM, x.dtype(), n)?;
+                    let geometry = PRE_BWD_SUM.geometry(&limits, shape, x.dtype(), tokens);
+                    let dx_post_v = view::<T>(op, "dx_post", dx_post_s, dx_post_l)?;
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&dx_post_v);
+                    b.arg(&mut dx).arg(&mut dh).arg(&tokens_i).arg(&c_i);
+                    unsafe { b.launch(cfg(&geometry)) }.w()?;
+                }
+                Some(dx)
+            }
         };
         Ok((
             dx.map(|dx| tensor(wrap(dev, dx), (tokens, n, c))),

@@ -492,6 +492,27 @@ pub const PRE_BWD_DH: KernelSpec = KernelSpec {
     grid: Grid::BlockPerToken,
 };
 
+/// The chained sublayer backward of pre in static mode: dx = dx_post + H_pre (x) du (post's dx
+/// added, so the sublayer's dx is written once) and dh[pre] = <du, x_j>.
+pub const PRE_BWD_SUM: KernelSpec = KernelSpec {
+    module: Module::Pre,
+    stem: "mhc_pre_bwd_sum",
+    per_dtype: true,
+    per_streams: true,
+    args: &[
+        In("x", Storage),
+        In("h", F32),
+        In("du", Storage),
+        In("dx_post", Storage),
+        Out("dx", Storage),
+        Out("dh", F32),
+        I64("tokens"),
+        I64("C"),
+    ],
+    block: Block::Row,
+    grid: Grid::BlockPerToken,
+};
+
 /// u = sum_j H_pre[j] x_j. Grid-stride over (token, chunk of C).
 pub const PRE_FWD: KernelSpec = KernelSpec {
     module: Module::Pre,
@@ -626,7 +647,7 @@ pub const RMS_NORM_DGAMMA_SUM: KernelSpec = KernelSpec {
 
 /// Every kernel family, for checks that walk them all; both launch layers (CUDA and HIP) launch
 /// each of them (tests/hip.rs).
-pub const KERNELS: [KernelSpec; 14] = [
+pub const KERNELS: [KernelSpec; 15] = [
     COEFFS_STATIC,
     COEFFS_PROJECT,
     COEFFS_FINISH,
@@ -636,6 +657,7 @@ pub const KERNELS: [KernelSpec; 14] = [
     PRE_FWD,
     PRE_BWD,
     PRE_BWD_DH,
+    PRE_BWD_SUM,
     POST_FWD,
     POST_BWD,
     RMS_NORM_FWD,

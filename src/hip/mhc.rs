@@ -15,7 +15,7 @@ use super::rms_norm::RmsNorm;
 use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
 use crate::gpu::{
     bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_BWD_X_SUM, COEFFS_FINISH,
-    COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_FWD,
+    COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_BWD_SUM, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use anyhow::{bail, Result};
@@ -301,9 +301,22 @@ pub fn pre_forward<T: DeviceElem>(
     launch(dev, &PRE_FWD, shape, T::DTYPE, tokens, &args)
 }
 
-/// Aggregate backward: dh [T, k] (only the pre columns non-zero) and, when `dx` is given, pre's
-/// dx [T, n, C] (without it, as in the chained sublayer: the coefficient backward folds pre's dx
-/// into the sublayer's).
+/// What pre's backward does with its dx term H_pre (x) du (docs/ops.md), as on CUDA
+/// (`crate::gpu::mhc::PreDx`).
+pub enum PreDx<'a, T: DeviceElem> {
+    /// dh only (`PRE_BWD_DH`): the dynamic chained backward adds the term in the coefficient
+    /// backward's pass over x.
+    None,
+    /// dx written (`PRE_BWD`).
+    Write(&'a mut Buffer<T>),
+    /// dx = dx_post + H_pre (x) du written (`PRE_BWD_SUM`): the static chained backward's one dx.
+    AddTo {
+        dx_post: &'a Buffer<T>,
+        dx: &'a mut Buffer<T>,
+    },
+}
+
+/// Aggregate backward: dh [T, k] (only the pre columns non-zero) and pre's dx as `dx` says.
 #[allow(clippy::too_many_arguments)]
 pub fn pre_backward<T: DeviceElem>(
     dev: &Device,
@@ -312,7 +325,7 @@ pub fn pre_backward<T: DeviceElem>(
     x: &Buffer<T>,
     h: &Buffer<f32>,
     du: &Buffer<T>,
-    dx: Option<&mut Buffer<T>>,
+    dx: PreDx<T>,
     dh: &mut Buffer<f32>,
 ) -> Result<()> {
     let op = "mhc-pre backward";
@@ -321,15 +334,31 @@ pub fn pre_backward<T: DeviceElem>(
     check_len(op, "h", h, tokens * k)?;
     check_len(op, "du", du, tokens * c)?;
     check_len(op, "dh", dh, tokens * k)?;
-    if let Some(dx) = &dx {
-        check_len(op, "dx", dx, tokens * n * c)?;
+    match &dx {
+        PreDx::None => {}
+        PreDx::Write(dx) => check_len(op, "dx", dx, tokens * n * c)?,
+        PreDx::AddTo { dx_post, dx } => {
+            check_len(op, "dx_post", dx_post, tokens * n * c)?;
+            check_len(op, "dx", dx, tokens * n * c)?;
+        }
     }
     if tokens == 0 {
         return Ok(());
     }
     let (tokens_i, c_i) = (tokens as i64, c as i64);
     match dx {
-        Some(dx) => {
+        PreDx::None => {
+            let args = [
+                x.arg(),
+                h.arg(),
+                du.arg(),
+                dh.arg_mut(),
+                KernelArg::I64(tokens_i),
+                KernelArg::I64(c_i),
+            ];
+            launch(dev, &PRE_BWD_DH, shape, T::DTYPE, tokens, &args)
+        }
+        PreDx::Write(dx) => {
             let args = [
                 x.arg(),
                 h.arg(),
@@ -341,16 +370,18 @@ pub fn pre_backward<T: DeviceElem>(
             ];
             launch(dev, &PRE_BWD, shape, T::DTYPE, tokens, &args)
         }
-        None => {
+        PreDx::AddTo { dx_post, dx } => {
             let args = [
                 x.arg(),
                 h.arg(),
                 du.arg(),
+                dx_post.arg(),
+                dx.arg_mut(),
                 dh.arg_mut(),
                 KernelArg::I64(tokens_i),
                 KernelArg::I64(c_i),
             ];
-            launch(dev, &PRE_BWD_DH, shape, T::DTYPE, tokens, &args)
+            launch(dev, &PRE_BWD_SUM, shape, T::DTYPE, tokens, &args)
         }
     }
 }
@@ -448,7 +479,7 @@ pub enum Chaining {
     Unchained,
     /// As the trainer on CUDA (`crate::mhc::ops::sublayer`): in dynamic mode pre computes dh
     /// only and the coefficient backward writes the sublayer's whole dx in its pass over x; in
-    /// static mode post's and pre's dx remain (candle adds them on CUDA).
+    /// static mode pre's backward writes it, post's dx added.
     Chained,
 }
 
@@ -629,12 +660,20 @@ impl<T: DeviceElem> Sublayer<T> {
         Ok(())
     }
 
-    /// From du: dh_pre (and pre's dx unless the chained dynamic backward folds it in), d_ext,
-    /// then the coefficient backward (dalpha_b; dynamic: dx_coeffs and dphi).
+    /// From du: dh_pre and pre's dx (none when the chained dynamic backward folds it in; the
+    /// sublayer's dx, post's added, when chained in static mode), d_ext, then the coefficient
+    /// backward (dalpha_b; dynamic: dx_coeffs and dphi).
     pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
-        let chained = shape.dynamic && self.chaining == Chaining::Chained;
-        let dx_pre = (!chained).then_some(&mut self.dx_pre);
+        let chained = self.chaining == Chaining::Chained;
+        let dx_pre = match (chained, shape.dynamic) {
+            (true, true) => PreDx::None,
+            (true, false) => PreDx::AddTo {
+                dx_post: &self.dx_post,
+                dx: &mut self.dx_pre,
+            },
+            (false, _) => PreDx::Write(&mut self.dx_pre),
+        };
         pre_backward(
             dev,
             shape,
@@ -645,6 +684,7 @@ impl<T: DeviceElem> Sublayer<T> {
             dx_pre,
             &mut self.dh_pre,
         )?;
+        let chained = chained && shape.dynamic;
         d_ext_of(shape, t, &self.dh_pre, &self.dh_post, &mut self.d_ext)?;
         let grads = CoeffsGrads {
             dx: &mut self.dx_coeffs,
@@ -676,7 +716,8 @@ impl<T: DeviceElem> Sublayer<T> {
         match (self.shape.dynamic, self.chaining) {
             (true, Chaining::Chained) => vec![&self.dx_coeffs],
             (true, Chaining::Unchained) => vec![&self.dx_post, &self.dx_pre, &self.dx_coeffs],
-            (false, _) => vec![&self.dx_post, &self.dx_pre],
+            (false, Chaining::Chained) => vec![&self.dx_pre],
+            (false, Chaining::Unchained) => vec![&self.dx_post, &self.dx_pre],
         }
     }
 

@@ -13,6 +13,9 @@ use candle_core::{
 };
 use std::sync::{Arc, Mutex};
 
+#[cfg(feature = "cuda")]
+use crate::gpu::mhc::PreDx;
+
 /// H [T, k] f32 for x [T, n, C]: dynamic (phi [nC, k] given) or static (phi None: H from b alone).
 /// alpha [3] and b [k] are f32; gradients flow to x, phi, alpha and b.
 pub fn coeffs(
@@ -114,8 +117,8 @@ struct ChainedCoeffsOp {
     chain: Chain,
 }
 
-/// `PreOp` whose backward stashes (du, H) and returns dh only (on CUDA in static mode: dx and
-/// dh, as `PreOp`).
+/// `PreOp` whose backward stashes (du, H) and returns dh only (on CUDA in static mode: dh and
+/// the sublayer's dx, post's included).
 struct ChainedPreOp {
     op: PreOp,
     chain: Chain,
@@ -188,8 +191,8 @@ impl CustomOp3 for ChainedCoeffsOp {
             )?;
             return Ok((Some(dx), Some(dphi), Some(dalpha_b)));
         }
-        // Static mode on CUDA (no pass over x to fuse into): pre handed its dx to autograd,
-        // which adds post's to it in the storage dtype, as for the unchained ops.
+        // Static mode on CUDA (no pass over x to fuse into): pre's backward took post's dx and
+        // returned the sublayer's dx; post's is still here only if pre's backward did not run.
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let (_, _, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
@@ -264,14 +267,17 @@ impl CustomOp2 for ChainedPreOp {
         let dh = match x.device() {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) if shape.dynamic => {
-                crate::gpu::mhc::pre_backward(shape, x, h, &du, false)?.1
+                crate::gpu::mhc::pre_backward(shape, x, h, &du, PreDx::None)?.1
             }
-            // Static mode on CUDA: pre's kernel computes dx and dh in one pass; dx goes to
-            // autograd (the coefficient backward has no pass over x to fold it into).
+            // Static mode on CUDA: the coefficient backward has no pass over x to fold dx into,
+            // so pre's kernel writes the sublayer's one dx = dx_post + H_pre (x) du (post's
+            // backward ran first and stashed dx_post) with dh, in one pass.
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
-                let (dx, dh) = pre_backward(shape, x, h, &du)?;
-                return Ok((Some(dx), Some(dh)));
+                let dx_post = lock(&self.chain).dx_post.take();
+                let dx = dx_post.as_ref().map_or(PreDx::Write, PreDx::AddTo);
+                let (dx, dh) = crate::gpu::mhc::pre_backward(shape, x, h, &du, dx)?;
+                return Ok((dx, Some(dh)));
             }
             // The CPU computes pre's dx too; only its dh is used here.
             _ => pre_backward(shape, x, h, &du)?.1,
@@ -570,7 +576,7 @@ pub fn pre_backward(
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => match crate::gpu::mhc::pre_backward(shape, x, h, &du, true)? {
+        Device::Cuda(_) => match crate::gpu::mhc::pre_backward(shape, x, h, &du, PreDx::Write)? {
             (Some(dx), dh) => Ok((dx, dh)),
             (None, _) => bail!("{op}: the CUDA launch returned no dx"),
         },
