@@ -1,8 +1,7 @@
 //! `mhc-train mhc-apply --device hip`: one mHC sublayer with F = RMSNorm on an AMD GPU, with the
 //! same input and output files as on CPU and CUDA (`crate::mhc::apply::APPLY_HELP`). Everything
 //! runs as fused kernels, as the trainer's chained sublayer on CUDA: F is the fused RMSNorm and
-//! the dynamic backward writes dx once; in static mode post's and pre's dx are added on the host
-//! in x's dtype, as candle adds them on CUDA.
+//! the backward writes dx once (docs/ops.md).
 
 use super::mhc::{Chaining, Sublayer, SublayerF};
 use super::runtime::{Device, DeviceElem};
@@ -93,14 +92,11 @@ fn run<T: DeviceElem + Elem>(
     layer.g.copy_from_host(&g)?;
     layer.backward_post(dev)?;
     layer.backward_pre(dev)?;
-    // dx's parts (one in dynamic mode) added in x's dtype in autograd's order, as on CUDA.
-    let mut parts = layer.dx_parts().into_iter();
-    let mut dx = parts.next().expect("dx has a part").to_host()?;
-    for part in parts {
-        for (acc, v) in dx.iter_mut().zip(part.to_host()?) {
-            *acc = T::from_f32(acc.to_f32() + v.to_f32());
-        }
-    }
+    // The chained backward writes dx in one buffer, in both modes.
+    let [dx] = layer.dx_parts()[..] else {
+        bail!("mhc-apply --device hip: the chained backward left dx in several parts")
+    };
+    let dx = dx.to_host()?;
     let dalpha_b = layer.dalpha_b.to_host()?;
     let dgamma = layer.dgamma().expect("F is RMSNorm").to_host()?;
     out.insert("dx".into(), Tensor::from_vec(dx, (tokens, n, c), cpu)?);

@@ -5,10 +5,9 @@
 //! copy bandwidth.
 //!
 //! What is timed: every launch of the sublayer as the trainer runs it on CUDA: coeffs, pre, the
-//! fused RMSNorm and post, and their chained backward (dx written once in dynamic mode), with the
-//! strided copies that narrow ext to H and assemble d_ext and the zeroing of accumulated
-//! gradients. In static mode post's and pre's dx stay two buffers (candle adds them on CUDA: one
-//! more pass over 3X that this table leaves out).
+//! fused RMSNorm and post, and their chained backward (dx written once: by the coefficient
+//! backward in dynamic mode, by pre's backward in static mode), with the strided copies that
+//! narrow ext to H and assemble d_ext and the zeroing of accumulated gradients.
 //!
 //! Bytes floor: the CUDA tables' (`LayerConfig::floor_fwd_bytes`, 3X + 4U forward and 9X + 10U
 //! forward+backward, X = T*n*C and U = T*C elements of the storage dtype).
@@ -202,8 +201,8 @@ pub fn bench(reps: usize) -> Result<String> {
     let copy_gbs = copy_bandwidth(&dev, &mut timer)?;
     let mut md = format!(
         "Device {} ({}, {} CUs, wave {}). One mHC sublayer with F = RMSNorm, all fused \
-         kernels, chained backward (dx written once in dynamic mode; two dx buffers left in \
-         static mode), n = {STREAMS}, median of {reps}, caches flushed; device-to-device copy \
+         kernels, chained backward (dx written once), n = {STREAMS}, median of {reps}, caches \
+         flushed; device-to-device copy \
          {copy_gbs:.0} GB/s (read + write). Floor bytes: fwd 3X + 4U, fwd+bwd 9X + 10U (X = \
          T*n*C, U = T*C elements); % = floor time at copy bandwidth / measured time.\n\n",
         dev.name, dev.arch, dev.limits.multiprocessors, dev.limits.wave
