@@ -81,6 +81,12 @@ impl Sublayer {
         }
     }
 
+    /// The backward of `out` seeded with g, as `mhc-train bench` runs it.
+    fn backward_seeded(&self, out: &Tensor) -> candle_core::Result<()> {
+        out.apply_op1(SeedGradient(self.g.clone()))?.backward()?;
+        Ok(())
+    }
+
     /// (dx, dphi) of sum(x' * g).
     fn grads(&self, chained: bool) -> anyhow::Result<(Tensor, Tensor)> {
         let grads = (self.forward(chained)? * &self.g)?.sum_all()?.backward()?;
@@ -155,8 +161,9 @@ fn chained_sublayer_timing() -> anyhow::Result<()> {
 }
 
 /// One fused forward+backward of the chained sublayer as `mhc-train bench` times it (the
-/// backward seeded with g by `SeedGradient`), for Nsight Compute: after warm-up, exactly one step runs between
-/// cuProfilerStart and cuProfilerStop (`ncu --profile-from-start off` sees only its kernels).
+/// backward seeded with g by `SeedGradient`), for Nsight Compute: after warm-up, exactly one step
+/// runs between cuProfilerStart and cuProfilerStop (`ncu --profile-from-start off` sees only its
+/// kernels).
 /// Prints how long the host takes to enqueue the forward and the backward, against the synced
 /// wall time, so the kernels' summed time can be set against both.
 #[test]
@@ -173,7 +180,7 @@ fn chained_sublayer_one_step_profile() -> anyhow::Result<()> {
             let start = Instant::now();
             let out = layer.forward(true)?;
             let forward = start.elapsed();
-            out.apply_op1(SeedGradient(layer.g.clone()))?.backward()?;
+            layer.backward_seeded(&out)?;
             let enqueued = start.elapsed();
             device.synchronize()?;
             rows.push((forward, enqueued - forward, start.elapsed()));
@@ -190,7 +197,7 @@ fn chained_sublayer_one_step_profile() -> anyhow::Result<()> {
         device.synchronize()?;
         profiler_start()?;
         let out = layer.forward(true)?;
-        out.apply_op1(SeedGradient(layer.g.clone()))?.backward()?;
+        layer.backward_seeded(&out)?;
         device.synchronize()?;
         profiler_stop()?;
     }

@@ -2,10 +2,10 @@
 //! kernels against the candle-ops reference, forward and forward+backward), isolated ops
 //! (RMSNorm, sigmoid), correctness of fused bf16 against the f32 reference, peak pool memory.
 //! The timed backward is seeded with an upstream gradient of x' (`SeedGradient`), as a training
-//! step's backward reaches the layer. CUDA events around each call, warm-up first, the L2 cache flushed (an in-place 256 MB memset)
-//! before every timed call, medians of `reps`. The device's memory pool keeps freed memory
-//! (`keep_freed_memory`), as a trainer's should; it is trimmed between variants so each one's
-//! peak starts from its own inputs.
+//! step's backward reaches the layer. CUDA events around each call, warm-up first, the L2 cache
+//! flushed (an in-place 256 MB memset) before every timed call, medians of `reps`. The device's
+//! memory pool keeps freed memory (`keep_freed_memory`), as a trainer's should; it is trimmed
+//! between variants so each one's peak starts from its own inputs.
 //!
 //! Bytes floor (what an ideal implementation must move through device memory, per call):
 //! with X = T*n*C and U = T*C elements of the storage dtype,

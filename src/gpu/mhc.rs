@@ -162,6 +162,13 @@ pub(super) fn tokens_of(op: &str, shape: &MhcShape, x: &[usize]) -> Result<usize
     }
 }
 
+/// Checks the coefficient parameters: alpha_b [3 + k], phi [D, k] (dynamic) or [0, k] (static).
+fn check_coeff_params(op: &str, shape: &MhcShape, alpha_b: &[usize], phi: &[usize]) -> Result<()> {
+    let (k, d) = (shape.k(), shape.streams * shape.width);
+    check_dims(op, "alpha_b", alpha_b, &[3 + k])?;
+    check_dims(op, "phi", phi, &[if shape.dynamic { d } else { 0 }, k])
+}
+
 /// The launch rules' view of this device (the table's `KernelSpec::geometry`).
 pub(super) fn limits(dev: &CudaDevice) -> Result<DeviceLimits> {
     Ok(DeviceLimits {
@@ -239,13 +246,7 @@ pub fn coeffs_forward(
         let (n, k) = (shape.streams, shape.k());
         let tokens = tokens_of(op, shape, x_l.dims())?;
         let d = n * shape.width;
-        check_dims(op, "alpha_b", alpha_b_l.dims(), &[3 + k])?;
-        check_dims(
-            op,
-            "phi",
-            phi_l.dims(),
-            &[if shape.dynamic { d } else { 0 }, k],
-        )?;
+        check_coeff_params(op, shape, alpha_b_l.dims(), phi_l.dims())?;
         let alpha_b = view::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
         let ext_len = tokens * (2 * k + 1);
         let mut ext = alloc_out::<f32>(dev, ext_len)?;
@@ -343,13 +344,7 @@ pub(super) fn coeffs_backward_token(
     let (n, k) = (shape.streams, shape.k());
     let tokens = tokens_of(op, shape, x.dims())?;
     let d = n * shape.width;
-    check_dims(op, "alpha_b", alpha_b.dims(), &[3 + k])?;
-    check_dims(
-        op,
-        "phi",
-        phi.dims(),
-        &[if shape.dynamic { d } else { 0 }, k],
-    )?;
+    check_coeff_params(op, shape, alpha_b.dims(), phi.dims())?;
     check_dims(op, "ext", ext.dims(), &[tokens, 2 * k + 1])?;
     check_dims(op, "d_ext", d_ext.dims(), &[tokens, 2 * k + 1])?;
     let d_ext = d_ext.contiguous()?;

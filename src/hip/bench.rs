@@ -202,9 +202,9 @@ pub fn bench(reps: usize) -> Result<String> {
     let mut md = format!(
         "Device {} ({}, {} CUs, wave {}). One mHC sublayer with F = RMSNorm, all fused \
          kernels, chained backward (dx written once), n = {STREAMS}, median of {reps}, caches \
-         flushed; device-to-device copy \
-         {copy_gbs:.0} GB/s (read + write). Floor bytes: fwd 3X + 4U, fwd+bwd 9X + 10U (X = \
-         T*n*C, U = T*C elements); % = floor time at copy bandwidth / measured time.\n\n",
+         flushed; device-to-device copy {copy_gbs:.0} GB/s (read + write). Floor bytes: fwd \
+         3X + 4U, fwd+bwd 9X + 10U (X = T*n*C, U = T*C elements); % = floor time at copy \
+         bandwidth / measured time.\n\n",
         dev.name, dev.arch, dev.limits.multiprocessors, dev.limits.wave
     );
     md += "## mHC sublayer ops at the seed report's sizes (HIP)\n\n";

@@ -666,6 +666,8 @@ impl<T: DeviceElem> Sublayer<T> {
     pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
         let chained = self.chaining == Chaining::Chained;
+        // Chained in dynamic mode, the coefficient backward sums the sublayer's dx.
+        let sum_in_coeffs = chained && shape.dynamic;
         let dx_pre = match (chained, shape.dynamic) {
             (true, true) => PreDx::None,
             (true, false) => PreDx::AddTo {
@@ -684,14 +686,13 @@ impl<T: DeviceElem> Sublayer<T> {
             dx_pre,
             &mut self.dh_pre,
         )?;
-        let chained = chained && shape.dynamic;
         d_ext_of(shape, t, &self.dh_pre, &self.dh_post, &mut self.d_ext)?;
         let grads = CoeffsGrads {
             dx: &mut self.dx_coeffs,
             dphi: &mut self.dphi,
             dalpha_b: &mut self.dalpha_b,
         };
-        let contributions = chained.then_some(DxContributions {
+        let contributions = sum_in_coeffs.then_some(DxContributions {
             dx_post: &self.dx_post,
             du: &self.du,
             h: &self.h,
