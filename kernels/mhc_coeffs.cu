@@ -469,7 +469,7 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
 // with coalesced loads, many in flight per thread (one thread per token walking up to 160 slices
 // of its own 100-byte row took 43 us at T = 1024 on an H200); the tile's ext rows are staged in
 // shared memory and written as one contiguous run. One thread per token runs the Sinkhorn.
-constexpr int FINISH_TOKENS = 32;
+constexpr int FINISH_TOKENS = 16;
 constexpr int FINISH_THREADS = 128;
 
 template <int N>
@@ -527,7 +527,15 @@ template <int N> struct BwdRow {
 //   db_c = dHt_c, dalpha_g = sum_{c in g} dHt_c P_c / r   (summed over the block, atomically added
 //   to dalpha_b, which the caller zeroes), and into dp[t]: dP_c = alpha_g dHt_c / r and
 //   coef = dr / (D r) with dr = -sum_c alpha_g dHt_c P_c / r^2, so dxbar = phi dP^T + coef xbar.
-// `den` is scratch of 2 * iters * n floats per token, laid out [half-step][i][token].
+// `den` is scratch of 2 * iters * n floats per token, laid out [half-step][i][token]. Up to
+// DEN_SHARED_ITERS iterations the block keeps them in shared memory instead ([half-step][i][lane]):
+// the backward walk waits on each half-step's denominators, and from global memory (L2) that wait
+// was most of the kernel (34 us at T = 1024 on an H200, for ~2 us of arithmetic).
+constexpr int DEN_SHARED_ITERS = 20;
+// At most 40 KB per block (n = 8 on AMD's 64-lane waves would need 80: global memory there).
+template <int N>
+constexpr int den_shared_floats =
+    2 * DEN_SHARED_ITERS * N * MHC_WAVE * 4 <= 40 * 1024 ? 2 * DEN_SHARED_ITERS * N * MHC_WAVE : 1;
 template <int N>
 __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const float* __restrict__ ext,
                                       const float* __restrict__ d_ext, float* __restrict__ dp,
@@ -537,7 +545,10 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
     constexpr int KPAD = BwdRow<N>::KPAD;
     constexpr int NV = 3 + K;
     __shared__ float scratch[(MAX_WAVES + 1) * NV];
+    __shared__ float den_shared[den_shared_floats<N>];
     const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    // The block is one wave (Block::OneWave): a lane's denominators are strided by the wave.
+    const bool den_on_chip = den_shared_floats<N> > 1 && iters <= DEN_SHARED_ITERS && blockDim.x == MHC_WAVE;
     float part[NV];
 #pragma unroll
     for (int i = 0; i < NV; ++i) part[i] = 0.0f;
@@ -565,7 +576,11 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
                 l[i][j] = logit<N>(alpha_b, c, e[K + c], r);
                 dm[i][j] = de[c];
             }
-        sinkhorn_backward<N>(l, dm, iters, den + t, tokens);
+        if (den_on_chip) {
+            sinkhorn_backward<N>(l, dm, iters, den_shared + threadIdx.x, MHC_WAVE);
+        } else {
+            sinkhorn_backward<N>(l, dm, iters, den + t, tokens);
+        }
 #pragma unroll
         for (int i = 0; i < N; ++i)
 #pragma unroll
@@ -618,10 +633,10 @@ constexpr int BWD_X_STAGES = 3;
 // Resident blocks per multiprocessor the register budget is set for on NVIDIA (as
 // proj_min_blocks): three (80 registers, no spills) for n <= 4; no hint for wider n or on AMD.
 // Mirrored by bwd_x_resident_blocks in src/gpu/mod.rs, which fits the grid in one wave of them.
-constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
+template <typename T> constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
 
 template <typename T, int N, bool SUM>
-__device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restrict__ phi,
+__device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __restrict__ phi,
                                   const float* __restrict__ dp, const T* __restrict__ dx_post,
                                   const T* __restrict__ du, const float* __restrict__ h, T* __restrict__ dx,
                                   float* __restrict__ dphi, long long tokens, long long D, long long C,
@@ -744,6 +759,283 @@ __device__ void coeffs_backward_x(const T* __restrict__ x, const float* __restri
     }
 }
 
+#if MHC_TENSOR_CORES
+// Tensor-core form of coeffs_backward_x for bf16 storage on NVIDIA, where its accumulators fit
+// the registers (k <= 32: n <= 4; wider n keep the FFMA form). Same grid and block: COLS = 256
+// columns of D per block, warp w owns columns 32w .. 32w + 31 of them; tokens in chunks of 16.
+// dP is split as hi = bf16(dP), lo = bf16(dP - hi), and phi likewise (once: its fragments stay
+// in registers), so with x exact in bf16 both products carry dP and phi to ~2^-16 relative, as
+// the forward's MmaProduct does (the FFMA form: ~2^-24 per term; both far inside the spec's
+// bf16 bound). Per chunk and 16 x 16 tile:
+//   dphi[cols, :] += x[chunk, cols]^T (dP_hi + dP_lo)                      (2 MMAs)
+//   dx[chunk, cols] = dP_hi phi_hi^T + dP_hi phi_lo^T + dP_lo phi_hi^T    (3 MMAs per k tile)
+//                     + coef x  (+ dx_post + H_pre du for SUM)
+// The FFMA form spends 2k multiply-adds per element of x (433 of the sublayer's 1152 us of
+// kernels at T = 16384, C = 1280 on an H200); here the pass is bound by its bytes. Every tensor
+// read in the pass (x, and for SUM dx_post and du) is staged by async copies BWD_X_STAGES - 1
+// chunks ahead, in dynamic shared memory (bwd_x_shared_bytes in src/gpu/mod.rs: 76 KB for SUM,
+// past the 48 KB of static shared memory); loading dx_post and du in the epilogue instead left
+// two memory latencies per chunk exposed (the pass ran at 1.3 TB/s, as slow as the FFMA form).
+template <int N> struct MmaBwdX {
+    static constexpr int K = N * N + 2 * N;
+    static constexpr int KT = (K + 15) / 16;  // 16-wide k tiles
+    static constexpr int THREADS = BwdStep<mhc_bf16>::COLS, WARPS = THREADS / 32;
+    static constexpr int COLS = 16 * WARPS, TOKC = 16;  // a 16-column tile per warp
+    static constexpr int LDX = COLS + 8;     // staged row stride (elements): rows 4 banks apart
+    static constexpr int STAGE = TOKC * LDX;  // elements per tensor per stage
+    static constexpr int LDP = 16 * KT + 8;  // dP hi/lo row stride
+    static constexpr int LDT = 20;           // f32 tile row stride (a multiple of 4, WMMA's rule)
+    static constexpr int COPIES = TOKC * COLS / 8 / THREADS;  // 16-byte copies per thread and tensor
+    static_assert(COPIES * THREADS * 8 == TOKC * COLS, "whole copies per thread");
+};
+// Where the tensor-core form's accumulators fit the registers (k <= 32: n <= 4).
+template <int N> constexpr bool mma_bwd_x_fits = N * N + 2 * N <= 32;
+
+template <int N, bool SUM>
+__device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const float* __restrict__ phi,
+                                      const float* __restrict__ dp, const mhc_bf16* __restrict__ dx_post,
+                                      const mhc_bf16* __restrict__ du, const float* __restrict__ h,
+                                      mhc_bf16* __restrict__ dx, float* __restrict__ dphi, long long tokens,
+                                      long long D, long long C, long long tokens_per_split) {
+    using namespace nvcuda;
+    using M = MmaBwdX<N>;
+    using bf16 = mhc_bf16;
+    using Pack8 = Pack<bf16, 8>;
+    constexpr int K = M::K, KT = M::KT, KPAD = BwdRow<N>::KPAD;
+    constexpr int THREADS = M::THREADS, COLS = M::COLS, TOKC = M::TOKC;
+    constexpr int LDX = M::LDX, STAGE = M::STAGE, LDP = M::LDP, LDT = M::LDT;
+    constexpr int STAGES = BWD_X_STAGES;
+    static_assert(TOKC * KPAD / 4 <= THREADS && TOKC * N <= THREADS, "one dp/H_pre copy per thread");
+    // [STAGES][STAGE] each: x, then for SUM dx_post and du.
+    extern __shared__ __align__(128) unsigned char bwd_x_staged[];
+    bf16* s_x = reinterpret_cast<bf16*>(bwd_x_staged);
+    bf16* s_post = s_x + STAGES * STAGE;
+    bf16* s_du = s_post + STAGES * STAGE;
+    __shared__ __align__(16) float s_dp[STAGES][TOKC * KPAD];
+    __shared__ float s_hpre[STAGES][SUM ? TOKC * N : 1];
+    __shared__ __align__(32) bf16 s_dp_hi[TOKC * LDP];
+    __shared__ __align__(32) bf16 s_dp_lo[TOKC * LDP];
+    __shared__ __align__(32) float s_tile[M::WARPS][16 * LDT];  // one 16 x 16 f32 tile per warp
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long long e_base = blockIdx.x * (long long)COLS;
+    const int col = 16 * warp;  // the warp's tile: columns col .. col + 15 of the block's slice
+    const long long e_warp = e_base + col;
+
+    // phi's fragments (hi, lo) for the warp's columns, built in the warp's tile.
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> phi_hi[KT], phi_lo[KT];
+    bf16* scratch = reinterpret_cast<bf16*>(s_tile[warp]);
+#pragma unroll
+    for (int ks = 0; ks < KT; ++ks) {
+        for (int i = lane; i < 256; i += 32) {  // B(k, column) at column * 16 + k
+            const long long e = e_warp + i / 16;
+            const int c = 16 * ks + i % 16;
+            const float v = e < D && c < K ? phi[e * K + c] : 0.0f;
+            const bf16 hi = mhc_f32_to_bf16(v);
+            scratch[i] = hi;
+            scratch[256 + i] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi));
+        }
+        __syncwarp();
+        wmma::load_matrix_sync(phi_hi[ks], scratch, 16);
+        wmma::load_matrix_sync(phi_lo[ks], scratch + 256, 16);
+        __syncwarp();
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_dphi[KT];
+#pragma unroll
+    for (int nt = 0; nt < KT; ++nt) wmma::fill_fragment(acc_dphi[nt], 0.0f);
+
+    const long long t_begin = blockIdx.y * tokens_per_split;
+    const long long t_end = t_begin + tokens_per_split < tokens ? t_begin + tokens_per_split : tokens;
+    const int chunks = t_begin < t_end ? (int)((t_end - t_begin + TOKC - 1) / TOKC) : 0;
+    // 16-byte copies: rows of x and dx_post aligned; du's 8-column groups each in one stream.
+    const bool vec = pack_ok<bf16, 8>(x, D) && (!SUM || (pack_ok<bf16, 8>(dx_post, D) && pack_ok<bf16, 8>(du, C)));
+    const bool vec_out = pack_ok<bf16, 8>(dx, D);
+
+    // The thread's copies: row v / (COLS / 8), columns c0 .. c0 + 8 of the block's slice (the
+    // same map stages every tensor and writes dx out).
+    auto copy_row = [](int i) { return (int)(threadIdx.x + THREADS * i) / (COLS / 8); };
+    auto copy_col = [](int i) { return (int)((threadIdx.x + THREADS * i) % (COLS / 8)) * 8; };
+    auto stage = [&](bf16* dst, const bf16* src, long long t, long long ev, bool du_row, bool valid) {
+        const long long row_len = du_row ? C : D;
+        if (vec) {
+            mhc_copy16_async(dst, valid ? src + t * row_len + (du_row ? ev % C : ev) : src, valid);
+        } else {
+#pragma unroll 1
+            for (int q = 0; q < 8; ++q) {
+                const bool ok = valid && ev + q < D;
+                dst[q] = ok ? src[t * row_len + (du_row ? (ev + q) % C : ev + q)] : mhc_f32_to_bf16(0.0f);
+            }
+        }
+    };
+    auto issue = [&](int chunk) {
+        const int st = chunk % STAGES;
+        const long long tc = t_begin + (long long)chunk * TOKC;
+#pragma unroll
+        for (int i = 0; i < M::COPIES; ++i) {
+            const int r = copy_row(i), c0 = copy_col(i);
+            const long long t = tc + r, ev = e_base + c0;
+            const bool valid = t < t_end && ev < D;
+            const int at = st * STAGE + r * LDX + c0;
+            stage(s_x + at, x, t, ev, false, valid);
+            if (SUM) {
+                stage(s_post + at, dx_post, t, ev, false, valid);
+                stage(s_du + at, du, t, ev, true, valid);
+            }
+        }
+        if (threadIdx.x < TOKC * KPAD / 4) {
+            const int r = threadIdx.x / (KPAD / 4), part = threadIdx.x % (KPAD / 4);
+            const bool row_ok = tc + r < t_end;
+            mhc_copy16_async(&s_dp[st][r * KPAD + part * 4], row_ok ? dp + (tc + r) * KPAD + part * 4 : dp, row_ok);
+        }
+        if (SUM && threadIdx.x < TOKC * N) {
+            const int r = threadIdx.x / N, j = threadIdx.x % N;
+            const bool row_ok = tc + r < t_end;
+            mhc_copy4_async(&s_hpre[st][threadIdx.x], row_ok ? h + (tc + r) * K + j : h, row_ok);
+        }
+    };
+    // A chunk's dx, left in its x stage by the epilogue, to global memory in whole rows of the
+    // block's slice (16-byte stores; the epilogue's own 16 x 16 tiles, 32 bytes of a row per
+    // store, left the pass bound by L2 traffic at ~1.2 TB/s).
+    auto write_out = [&](int chunk) {
+        const long long tc = t_begin + (long long)chunk * TOKC;
+#pragma unroll
+        for (int i = 0; i < M::COPIES; ++i) {
+            const int r = copy_row(i), c0 = copy_col(i);
+            const long long t = tc + r, ev = e_base + c0;
+            if (t >= t_end || ev >= D) continue;
+            const bf16* src = s_x + (chunk % STAGES) * STAGE + r * LDX + c0;
+            if (vec_out && ev + 8 <= D) {
+                *reinterpret_cast<Pack8*>(dx + t * D + ev) = *reinterpret_cast<const Pack8*>(src);
+            } else {
+#pragma unroll 1
+                for (int q = 0; q < 8 && ev + q < D; ++q) dx[t * D + ev + q] = src[q];
+            }
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) issue(s);
+        mhc_copy_commit();
+    }
+    // The lane's share of the warp's 16 x 16 dx tile in the epilogue: row lane / 2, 8 columns,
+    // and (SUM, C % 8 == 0) their one stream.
+    const int row = lane / 2, c8 = 8 * (lane % 2);
+    const long long e0 = e_warp + c8;
+    const int group_stream = SUM && C % 8 == 0 ? (int)((e0 < D ? e0 : D - 1) / C) : 0;
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        mhc_copy_wait<STAGES - 2>();  // this thread's copies of this chunk have landed
+        __syncthreads();  // everyone's have; everyone is done with the previous chunk
+        // The previous chunk's dx, then the refill of its stage: each thread stores the very
+        // elements its own copies overwrite (same map), and its stores wait on their loads.
+        if (chunk > 0) write_out(chunk - 1);
+        if (chunk + STAGES - 1 < chunks) issue(chunk + STAGES - 1);
+        mhc_copy_commit();
+        const int st = chunk % STAGES;
+        bf16* xs = s_x + st * STAGE;
+
+        // dP -> hi, lo (columns k .. 16 KT zero).
+        for (int i = threadIdx.x; i < TOKC * 16 * KT; i += THREADS) {
+            const int r = i / (16 * KT), c = i % (16 * KT);
+            const float v = c < K ? s_dp[st][r * KPAD + c] : 0.0f;
+            const bf16 hi = mhc_f32_to_bf16(v);
+            s_dp_hi[r * LDP + c] = hi;
+            s_dp_lo[r * LDP + c] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi));
+        }
+        __syncthreads();
+
+        // dphi: A = x^T (the staged rows read column-major), B = dP.
+        {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> xt;
+            wmma::load_matrix_sync(xt, xs + col, LDX);
+#pragma unroll
+            for (int nt = 0; nt < KT; ++nt) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> d;
+                wmma::load_matrix_sync(d, s_dp_hi + 16 * nt, LDP);
+                wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
+                wmma::load_matrix_sync(d, s_dp_lo + 16 * nt, LDP);
+                wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
+            }
+        }
+        // dx tile: dP phi^T.
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int ks = 0; ks < KT; ++ks) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_hi, a_lo;
+                wmma::load_matrix_sync(a_hi, s_dp_hi + 16 * ks, LDP);
+                wmma::load_matrix_sync(a_lo, s_dp_lo + 16 * ks, LDP);
+                wmma::mma_sync(acc, a_hi, phi_hi[ks], acc);
+                wmma::mma_sync(acc, a_hi, phi_lo[ks], acc);
+                wmma::mma_sync(acc, a_lo, phi_hi[ks], acc);
+            }
+            wmma::store_matrix_sync(s_tile[warp], acc, LDT, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Epilogue: dx = tile + coef x (+ dx_post + H_pre du), one row of 8 columns per lane,
+        // written over the staged x it read (no other warp reads these columns), in bf16.
+        {
+            const int at = st * STAGE + row * LDX + col + c8;
+            const float* tile_row = &s_tile[warp][row * LDT + c8];
+            const float coef = s_dp[st][row * KPAD + K];
+            const float* hpre = &s_hpre[st][SUM ? row * N : 0];
+            const Pack8 xv = *reinterpret_cast<const Pack8*>(s_x + at);
+            Pack8 post, dus, out;
+            if (SUM) {
+                post = *reinterpret_cast<const Pack8*>(s_post + at);
+                dus = *reinterpret_cast<const Pack8*>(s_du + at);
+            }
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                float v = tile_row[q] + coef * mhc_bf16_to_f32(xv.v[q]);
+                if (SUM) {
+                    const int stream = C % 8 == 0 ? group_stream : (int)((e0 + q < D ? e0 + q : D - 1) / C);
+                    v += mhc_bf16_to_f32(post.v[q]) + hpre[stream] * mhc_bf16_to_f32(dus.v[q]);
+                }
+                out.v[q] = mhc_f32_to_bf16(v);
+            }
+            *reinterpret_cast<Pack8*>(s_x + at) = out;
+        }
+        __syncwarp();  // the tile is read before the next chunk stores over it
+    }
+    mhc_copy_wait<0>();
+    if (chunks == 0) return;
+    __syncthreads();
+    write_out(chunks - 1);
+    // dphi: each accumulator tile through the warp's tile, added to dphi[e, c] for e < D, c < k.
+#pragma unroll
+    for (int nt = 0; nt < KT; ++nt) {
+        wmma::store_matrix_sync(s_tile[warp], acc_dphi[nt], LDT, wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < 256; i += 32) {
+            const long long e = e_warp + i / 16;
+            const int c = 16 * nt + i % 16;
+            if (e < D && c < K) atomicAdd(&dphi[e * K + c], s_tile[warp][(i / 16) * LDT + i % 16]);
+        }
+        __syncwarp();
+    }
+}
+#endif
+
+// Backward through the projection (the contract above): on tensor cores for bf16 on NVIDIA
+// where the accumulators fit, else with FFMA. (`if constexpr` keeps the form not taken, and its
+// shared memory, out of the kernel.)
+template <typename T, int N, bool SUM>
+__device__ __forceinline__ void coeffs_backward_x(const T* __restrict__ x, const float* __restrict__ phi,
+                                                  const float* __restrict__ dp, const T* __restrict__ dx_post,
+                                                  const T* __restrict__ du, const float* __restrict__ h,
+                                                  T* __restrict__ dx, float* __restrict__ dphi, long long tokens,
+                                                  long long D, long long C, long long tokens_per_split) {
+#if MHC_TENSOR_CORES
+    if constexpr (sizeof(T) == 2 && mma_bwd_x_fits<N>) {  // bf16
+        coeffs_backward_x_mma<N, SUM>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split);
+    } else
+#endif
+    {
+        coeffs_backward_x_fma<T, N, SUM>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split);
+    }
+}
+
 }  // namespace
 
 // Exported kernels, one per (dtype, n), spelled out so each name is greppable (the launch table
@@ -764,62 +1056,62 @@ extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2
 extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_bf16_n2(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_bf16_n3(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_bf16_n4(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_bf16_n5(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_bf16_n6(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_bf16_n7(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_bf16_n8(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }

@@ -158,6 +158,7 @@ fn rms_norm_launch_rules() {
     let limits = DeviceLimits {
         wave: 32,
         multiprocessors: 132,
+        tensor_cores: true,
     };
     // C = 1280 bf16: 160 chunks of 8 -> a 160-thread block per row.
     let fwd = RMS_NORM_FWD.row_geometry(&limits, DType::BF16, 16384, 1280);
@@ -189,6 +190,7 @@ fn rms_norm_launch_rules() {
     let amd = DeviceLimits {
         wave: 64,
         multiprocessors: 304,
+        tensor_cores: false,
     };
     assert_eq!(
         RMS_NORM_FWD.row_geometry(&amd, DType::BF16, 7, 1280).block,
@@ -205,6 +207,7 @@ fn projection_slices_cover_d_and_fill_one_wave() {
     let limits = DeviceLimits {
         wave: 32,
         multiprocessors: 132,
+        tensor_cores: true,
     };
     for (tokens, streams, width) in [
         (16384, 4, 1280),
@@ -257,27 +260,46 @@ fn backward_token_ranges_fill_one_wave() {
         let limits = DeviceLimits {
             wave,
             multiprocessors,
+            tensor_cores: wave == 32,
         };
-        for (tokens, streams, width) in [
+        for ((tokens, streams, width), dtype) in [
             (16384, 4, 1280),
             (1024, 4, 2560),
             (65536, 4, 2560),
             (1, 4, 1280),
             (40, 2, 7),
             (4096, 8, 1032),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|case| [(case, DType::BF16), (case, DType::F32)])
+        {
             let shape = MhcShape {
                 streams,
                 width,
                 sinkhorn_iters: 20,
                 dynamic: true,
             };
-            let g = COEFFS_BWD_X_SUM.geometry(&limits, &shape, DType::BF16, tokens);
-            let case = format!("T={tokens} n={streams} C={width} on {multiprocessors}: {g:?}");
+            let g = COEFFS_BWD_X_SUM.geometry(&limits, &shape, dtype, tokens);
+            let case =
+                format!("T={tokens} n={streams} C={width} {dtype:?} on {multiprocessors}: {g:?}");
             let (d_blocks, ranges) = (g.grid.0 as usize, g.grid.1 as usize);
+            // The tensor-core form (NVIDIA, bf16, n <= 4) owns a 16-column tile per warp (128
+            // columns per block of 256) and stages x, dx_post and du: 3 stages of 16 rows of
+            // 128 + 8 bf16 each, 39168 bytes; the FFMA form a column per thread, no staging.
+            let tensor_core_form = wave == 32 && dtype == DType::BF16 && streams <= 4;
+            let columns = if tensor_core_form {
+                128
+            } else {
+                g.block as usize * BWD_X_ELEMS_PER_THREAD
+            };
+            assert_eq!(d_blocks, (streams * width).div_ceil(columns), "{case}");
             assert_eq!(
-                d_blocks,
-                (streams * width).div_ceil(g.block as usize * BWD_X_ELEMS_PER_THREAD),
+                g.shared_bytes,
+                if tensor_core_form {
+                    3 * 3 * 16 * 136 * 2
+                } else {
+                    0
+                },
                 "{case}"
             );
             // The ranges cover the tokens, none is empty, and (when there are several) none is

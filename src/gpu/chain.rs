@@ -65,7 +65,7 @@ pub fn coeffs_backward_sum(
             b.arg(&dx_post_v).arg(&du_v).arg(&h_v);
             b.arg(&mut dx).arg(&mut dphi);
             b.arg(&tokens_i).arg(&d_i).arg(&c_i).arg(&per_split_i);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         Ok((
             tensor(wrap(dev, dx), (tokens, n, c)),

@@ -14,8 +14,9 @@ use super::{
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys::CUdevice_attribute, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    sys::{CUdevice_attribute, CUfunction_attribute},
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
@@ -174,15 +175,26 @@ pub(super) fn limits(dev: &CudaDevice) -> Result<DeviceLimits> {
     Ok(DeviceLimits {
         wave: WAVE,
         multiprocessors: multiprocessors(dev)?,
+        tensor_cores: true,
     })
 }
 
-pub(super) fn cfg(geometry: &Geometry) -> LaunchConfig {
-    LaunchConfig {
+/// The launch configuration of `func` over `geometry`. A kernel with dynamic shared memory is
+/// allowed it first (an attribute of the function): by default static and dynamic together may
+/// not pass 48 KB.
+pub(super) fn cfg(func: &CudaFunction, geometry: &Geometry) -> Result<LaunchConfig> {
+    if geometry.shared_bytes > 0 {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            geometry.shared_bytes as i32,
+        )
+        .w()?;
+    }
+    Ok(LaunchConfig {
         grid_dim: (geometry.grid.0, geometry.grid.1, 1),
         block_dim: (geometry.block, 1, 1),
-        shared_mem_bytes: 0,
-    }
+        shared_mem_bytes: geometry.shared_bytes as u32,
+    })
 }
 
 pub(super) fn wrap<T: StorageElem>(dev: &CudaDevice, slice: CudaSlice<T>) -> CudaStorage {
@@ -267,20 +279,20 @@ pub fn coeffs_forward(
                 let mut b = stream.launch_builder(&func);
                 b.arg(&x).arg(&phi).arg(&mut partial);
                 b.arg(&tokens_i).arg(&d_i).arg(&d_per_split_i);
-                unsafe { b.launch(cfg(&project)) }.w()?;
+                unsafe { b.launch(cfg(&func, &project)?) }.w()?;
                 let func = function(dev, &COEFFS_FINISH, dtype, n)?;
                 let finish = COEFFS_FINISH.geometry(&limits, shape, dtype, tokens);
                 let mut b = stream.launch_builder(&func);
                 b.arg(&partial).arg(&alpha_b).arg(&mut ext);
                 b.arg(&tokens_i).arg(&d_i).arg(&splits_i).arg(&iters);
-                unsafe { b.launch(cfg(&finish)) }.w()?;
+                unsafe { b.launch(cfg(&func, &finish)?) }.w()?;
             } else {
                 let func = function(dev, &COEFFS_STATIC, dtype, n)?;
                 let geometry = COEFFS_STATIC.geometry(&limits(dev)?, shape, dtype, tokens);
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&func);
                 b.arg(&alpha_b).arg(&mut ext).arg(&tokens_i).arg(&iters);
-                unsafe { b.launch(cfg(&geometry)) }.w()?;
+                unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
             }
         }
         Ok((wrap(dev, ext), Shape::from((tokens, 2 * k + 1))))
@@ -322,7 +334,7 @@ pub fn coeffs_backward(
             let mut b = stream.launch_builder(&func);
             b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
             b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));
         let dphi = tensor(wrap(dev, dphi), (d, k));
@@ -373,7 +385,7 @@ pub(super) fn coeffs_backward_token(
         b.arg(&alpha_b_v).arg(&ext_v).arg(&d_ext_v);
         b.arg(&mut dp).arg(&mut den).arg(&mut dalpha_b);
         b.arg(&tokens_i).arg(&d_i).arg(&iters);
-        unsafe { b.launch(cfg(&geometry)) }.w()?;
+        unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
     }
     Ok((dp, tensor(wrap(dev, dalpha_b), 3 + k)))
 }
@@ -405,7 +417,7 @@ pub fn pre_forward(
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
             b.arg(&x_v).arg(&h_v).arg(&mut u).arg(&tokens_i).arg(&c_i);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         Ok((wrap(dev, u), Shape::from((tokens, c))))
     })
@@ -457,7 +469,7 @@ pub fn pre_backward(
                     let mut b = stream.launch_builder(&func);
                     b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dh);
                     b.arg(&tokens_i).arg(&c_i);
-                    unsafe { b.launch(cfg(&geometry)) }.w()?;
+                    unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
                 }
                 None
             }
@@ -469,7 +481,7 @@ pub fn pre_backward(
                     let mut b = stream.launch_builder(&func);
                     b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&mut dx).arg(&mut dh);
                     b.arg(&tokens_i).arg(&c_i);
-                    unsafe { b.launch(cfg(&geometry)) }.w()?;
+                    unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
                 }
                 Some(dx)
             }
@@ -485,7 +497,7 @@ pub fn pre_backward(
                     let mut b = stream.launch_builder(&func);
                     b.arg(&x_v).arg(&h_v).arg(&du_v).arg(&dx_post_v);
                     b.arg(&mut dx).arg(&mut dh).arg(&tokens_i).arg(&c_i);
-                    unsafe { b.launch(cfg(&geometry)) }.w()?;
+                    unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
                 }
                 Some(dx)
             }
@@ -533,7 +545,7 @@ pub fn post_forward(
                 .arg(&mut out)
                 .arg(&tokens_i)
                 .arg(&c_i);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         Ok((wrap(dev, out), Shape::from((tokens, n, c))))
     })
@@ -581,7 +593,7 @@ pub fn post_backward(
             b.arg(&x_v).arg(&h_v).arg(&y_v).arg(&g_v);
             b.arg(&mut dx).arg(&mut dh).arg(&mut dy);
             b.arg(&tokens_i).arg(&c_i);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         Ok((
             tensor(wrap(dev, dx), (tokens, n, c)),

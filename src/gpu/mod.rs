@@ -119,8 +119,9 @@ pub enum Grid {
     /// x over the reduction axis D = n*C (`BWD_X_ELEMS_PER_THREAD` per thread), y over token
     /// ranges of at least `BWD_X_TOKEN_CHUNK` tokens: as many ranges as fit the grid in one wave
     /// of resident blocks (`bwd_x_resident_blocks`). The range length is the kernel's
-    /// `tokens_per_split` argument (`Geometry::split_len`).
-    SplitD,
+    /// `tokens_per_split` argument (`Geometry::split_len`). `staged`: the storage tensors the
+    /// pass stages in shared memory (`bwd_x_shared_bytes`).
+    SplitD { staged: usize },
     /// Grid-stride over rows, one block per row at a time, at most
     /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor: each block sums its
     /// rows' share of an `Accumulate` output in registers and adds it once at the end into its
@@ -138,7 +139,7 @@ pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
 /// dphi, so no more ranges than needed to fill the device).
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
 /// `Grid::TokenTiles`: tokens per block (mirrors FINISH_TOKENS in kernels/mhc_coeffs.cu).
-pub const FINISH_TOKENS: usize = 32;
+pub const FINISH_TOKENS: usize = 16;
 /// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor.
 pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 8;
 /// `Grid::ColumnGroups`: columns per block (mirrors RN_SUM_COLUMNS in kernels/rms_norm.cu).
@@ -159,13 +160,57 @@ pub fn project_resident_blocks(streams: usize) -> usize {
     }
 }
 
+/// `Grid::SplitD`: whether the coefficient backward over x takes its tensor-core form (bf16 on
+/// a device whose kernels have them, k = n*n + 2n <= 32; mirrors `MmaBwdX::fits` in
+/// kernels/mhc_coeffs.cu).
+pub fn bwd_x_on_tensor_cores(limits: &DeviceLimits, streams: usize, dtype: DType) -> bool {
+    limits.tensor_cores && dtype == DType::BF16 && streams * streams + 2 * streams <= 32
+}
+
 /// `Grid::SplitD`: resident blocks per multiprocessor of the coefficient backward over x
-/// (mirrors `bwd_x_min_blocks` in kernels/mhc_coeffs.cu).
+/// (mirrors `bwd_x_min_blocks` in kernels/mhc_coeffs.cu; on AMD the same numbers are an
+/// estimate).
 pub fn bwd_x_resident_blocks(streams: usize) -> usize {
     if streams <= 4 {
         3
     } else {
         1
+    }
+}
+
+/// `Grid::SplitD`: columns of D per block of the coefficient backward over x: one per thread in
+/// the FFMA form, a 16-column tile per warp in the tensor-core form (mirrors `MmaBwdX::COLS`).
+pub fn bwd_x_block_columns(
+    limits: &DeviceLimits,
+    streams: usize,
+    dtype: DType,
+    block: usize,
+) -> usize {
+    if bwd_x_on_tensor_cores(limits, streams, dtype) {
+        16 * block / limits.wave
+    } else {
+        block * BWD_X_ELEMS_PER_THREAD
+    }
+}
+
+/// `Grid::SplitD`: dynamic shared memory per block of the coefficient backward over x: the
+/// tensor-core form stages `staged` bf16 tensors, BWD_X_STAGES chunks of 16 token rows of its
+/// columns + 8 elements each (mirrors `MmaBwdX` in kernels/mhc_coeffs.cu); the FFMA form has
+/// static arrays only.
+pub fn bwd_x_shared_bytes(
+    limits: &DeviceLimits,
+    streams: usize,
+    dtype: DType,
+    block: usize,
+    staged: usize,
+) -> usize {
+    const STAGES: usize = 3;
+    const TOKENS: usize = 16;
+    if bwd_x_on_tensor_cores(limits, streams, dtype) {
+        let row = bwd_x_block_columns(limits, streams, dtype, block) + 8;
+        staged * STAGES * TOKENS * row * dtype.size_in_bytes()
+    } else {
+        0
     }
 }
 
@@ -183,6 +228,9 @@ pub struct DeviceLimits {
     /// Lanes per warp/wave; the kernels are compiled for the same (MHC_WAVE in compat.h).
     pub wave: usize,
     pub multiprocessors: usize,
+    /// Whether the kernels were built with their tensor-core forms (MHC_TENSOR_CORES in
+    /// compat.h: on NVIDIA, not on AMD).
+    pub tensor_cores: bool,
 }
 
 /// Grid and block of one launch, and the length of a split along grid y: tokens per range of
@@ -193,6 +241,8 @@ pub struct Geometry {
     pub grid: (u32, u32),
     pub block: u32,
     pub split_len: usize,
+    /// Dynamic shared memory per block, in bytes (0 for kernels with static arrays only).
+    pub shared_bytes: usize,
 }
 
 /// A kernel family: when `per_streams`, one `extern "C"` kernel per stream count n in
@@ -326,9 +376,10 @@ impl KernelSpec {
                 ),
                 0,
             ),
-            Grid::SplitD => {
+            Grid::SplitD { .. } => {
                 let d = n * shape.width;
-                let d_blocks = d.div_ceil(block * BWD_X_ELEMS_PER_THREAD).max(1);
+                let columns = bwd_x_block_columns(limits, n, dtype, block);
+                let d_blocks = d.div_ceil(columns).max(1);
                 let resident = bwd_x_resident_blocks(n) * limits.multiprocessors.max(1);
                 let splits =
                     splits_for_one_wave(resident, d_blocks, tokens.div_ceil(BWD_X_TOKEN_CHUNK));
@@ -339,10 +390,15 @@ impl KernelSpec {
                 )
             }
         };
+        let shared_bytes = match self.grid {
+            Grid::SplitD { staged } => bwd_x_shared_bytes(limits, n, dtype, block, staged),
+            _ => 0,
+        };
         Geometry {
             grid,
             block: block as u32,
             split_len,
+            shared_bytes,
         }
     }
 }
@@ -446,7 +502,7 @@ pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
         I64("tokens_per_split"),
     ],
     block: Block::Fixed(256),
-    grid: Grid::SplitD,
+    grid: Grid::SplitD { staged: 1 },
 };
 
 /// The chained sublayer backward (docs/ops.md): `COEFFS_BWD_X` whose dx also sums post's dx
@@ -471,7 +527,7 @@ pub const COEFFS_BWD_X_SUM: KernelSpec = KernelSpec {
         I64("tokens_per_split"),
     ],
     block: Block::Fixed(256),
-    grid: Grid::SplitD,
+    grid: Grid::SplitD { staged: 3 },
 };
 
 /// The chained sublayer backward of pre: dh[pre] = <du, x_j> only (no dx).

@@ -43,7 +43,7 @@ pub fn forward(
             let mut b = stream.launch_builder(&func);
             b.arg(&x_v).arg(&gamma_v).arg(&mut y);
             b.arg(&rows_i).arg(&c_i).arg(&eps_bits);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         Ok((wrap(dev, y), x_l.shape().clone()))
     })
@@ -94,7 +94,7 @@ pub fn backward(eps: f64, x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Te
                 .arg(&mut dx)
                 .arg(&mut dgamma_partial);
             b.arg(&rows_i).arg(&c_i).arg(&eps_bits);
-            unsafe { b.launch(cfg(&geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
 
             // The blocks' partial rows added column by column (candle's sum over dim 0 of a
             // [blocks, C] tensor reads each column strided, a 32-byte sector per float).
@@ -104,7 +104,7 @@ pub fn backward(eps: f64, x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Te
             let mut b = stream.launch_builder(&func);
             b.arg(&dgamma_partial).arg(&mut dgamma);
             b.arg(&blocks_i).arg(&c_i);
-            unsafe { b.launch(cfg(&sum_geometry)) }.w()?;
+            unsafe { b.launch(cfg(&func, &sum_geometry)?) }.w()?;
         }
         Ok((
             tensor(wrap(dev, dx), x.shape().clone()),

@@ -179,6 +179,7 @@ impl Device {
             limits: DeviceLimits {
                 wave,
                 multiprocessors,
+                tensor_cores: false,
             },
             modules,
             functions: Mutex::default(),
@@ -298,7 +299,7 @@ impl Device {
                 geometry.block,
                 1,
                 1,
-                0,
+                geometry.shared_bytes as u32,
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
                 extra.as_mut_ptr(),
