@@ -933,13 +933,19 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         const int st = chunk % STAGES;
         bf16* xs = s_x + st * STAGE;
 
-        // dP -> hi, lo (columns k .. 16 KT zero).
-        for (int i = threadIdx.x; i < TOKC * 16 * KT; i += THREADS) {
-            const int r = i / (16 * KT), c = i % (16 * KT);
-            const float v = c < K ? s_dp[st][r * KPAD + c] : 0.0f;
-            const bf16 hi = mhc_f32_to_bf16(v);
-            s_dp_hi[r * LDP + c] = hi;
-            s_dp_lo[r * LDP + c] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi));
+        // dP -> hi, lo (columns k .. 16 KT zero): a pair of adjacent columns per thread.
+        static_assert(TOKC * 16 * KT <= 2 * THREADS, "one pair per thread");
+        if (threadIdx.x < TOKC * 8 * KT) {
+            const int r = threadIdx.x / (8 * KT), c = 2 * (threadIdx.x % (8 * KT));
+            Pack<bf16, 2> hi, lo;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const float v = c + u < K ? s_dp[st][r * KPAD + c + u] : 0.0f;
+                hi.v[u] = mhc_f32_to_bf16(v);
+                lo.v[u] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi.v[u]));
+            }
+            *reinterpret_cast<Pack<bf16, 2>*>(&s_dp_hi[r * LDP + c]) = hi;
+            *reinterpret_cast<Pack<bf16, 2>*>(&s_dp_lo[r * LDP + c]) = lo;
         }
         __syncthreads();
 
@@ -976,24 +982,31 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         // written over the staged x it read (no other warp reads these columns), in bf16.
         {
             const int at = st * STAGE + row * LDX + col + c8;
-            const float* tile_row = &s_tile[warp][row * LDT + c8];
             const float coef = s_dp[st][row * KPAD + K];
-            const float* hpre = &s_hpre[st][SUM ? row * N : 0];
             const Pack8 xv = *reinterpret_cast<const Pack8*>(s_x + at);
-            Pack8 post, dus, out;
-            if (SUM) {
-                post = *reinterpret_cast<const Pack8*>(s_post + at);
-                dus = *reinterpret_cast<const Pack8*>(s_du + at);
-            }
+            const float4 lo4 = *reinterpret_cast<const float4*>(&s_tile[warp][row * LDT + c8]);
+            const float4 hi4 = *reinterpret_cast<const float4*>(&s_tile[warp][row * LDT + c8 + 4]);
+            float v[8] = {lo4.x, lo4.y, lo4.z, lo4.w, hi4.x, hi4.y, hi4.z, hi4.w};
 #pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                float v = tile_row[q] + coef * mhc_bf16_to_f32(xv.v[q]);
-                if (SUM) {
-                    const int stream = C % 8 == 0 ? group_stream : (int)((e0 + q < D ? e0 + q : D - 1) / C);
-                    v += mhc_bf16_to_f32(post.v[q]) + hpre[stream] * mhc_bf16_to_f32(dus.v[q]);
+            for (int q = 0; q < 8; ++q) v[q] += coef * mhc_bf16_to_f32(xv.v[q]);
+            if (SUM) {
+                const Pack8 post = *reinterpret_cast<const Pack8*>(s_post + at);
+                const Pack8 dus = *reinterpret_cast<const Pack8*>(s_du + at);
+                if (C % 8 == 0) {  // the 8 columns lie in one stream
+                    const float hp = s_hpre[st][row * N + group_stream];
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) v[q] += mhc_bf16_to_f32(post.v[q]) + hp * mhc_bf16_to_f32(dus.v[q]);
+                } else {
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) {
+                        const long long e = e0 + q < D ? e0 + q : D - 1;
+                        v[q] += mhc_bf16_to_f32(post.v[q]) + s_hpre[st][row * N + (int)(e / C)] * mhc_bf16_to_f32(dus.v[q]);
+                    }
                 }
-                out.v[q] = mhc_f32_to_bf16(v);
             }
+            Pack8 out;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) out.v[q] = mhc_f32_to_bf16(v[q]);
             *reinterpret_cast<Pack8*>(s_x + at) = out;
         }
         __syncwarp();  // the tile is read before the next chunk stores over it
