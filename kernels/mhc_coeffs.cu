@@ -851,14 +851,19 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     const bool vec = pack_ok<bf16, 8>(x, D) && (!SUM || (pack_ok<bf16, 8>(dx_post, D) && pack_ok<bf16, 8>(du, C)));
     const bool vec_out = pack_ok<bf16, 8>(dx, D);
 
-    // The thread's copies: row v / (COLS / 8), columns c0 .. c0 + 8 of the block's slice (the
-    // same map stages every tensor and writes dx out).
-    auto copy_row = [](int i) { return (int)(threadIdx.x + THREADS * i) / (COLS / 8); };
-    auto copy_col = [](int i) { return (int)((threadIdx.x + THREADS * i) % (COLS / 8)) * 8; };
-    auto stage = [&](bf16* dst, const bf16* src, long long t, long long ev, bool du_row, bool valid) {
+    // The thread's one copy per tensor and chunk: row cr of the chunk, columns cc .. cc + 8 of
+    // the block's slice (the same map stages every tensor and writes dx out). Its offsets are
+    // set once; a chunk moves them by TOKC rows (the per-chunk 64-bit index arithmetic, du's
+    // modulo included, had been a good part of the pass's instructions).
+    static_assert(M::COPIES == 1, "one 16-byte copy per thread and tensor per chunk");
+    const int cr = threadIdx.x / (COLS / 8), cc = (threadIdx.x % (COLS / 8)) * 8;
+    const long long ev = e_base + cc;          // the copy's first column of D
+    const long long du_col = SUM ? ev % C : 0;  // its column of du (one stream when vec)
+    const int copy_at = cr * LDX + cc;          // its place in a stage
+    auto stage = [&](bf16* dst, const bf16* src, long long t, bool du_row, bool valid) {
         const long long row_len = du_row ? C : D;
         if (vec) {
-            mhc_copy16_async(dst, valid ? src + t * row_len + (du_row ? ev % C : ev) : src, valid);
+            mhc_copy16_async(dst, valid ? src + t * row_len + (du_row ? du_col : ev) : src, valid);
         } else {
 #pragma unroll 1
             for (int q = 0; q < 8; ++q) {
@@ -870,17 +875,13 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     auto issue = [&](int chunk) {
         const int st = chunk % STAGES;
         const long long tc = t_begin + (long long)chunk * TOKC;
-#pragma unroll
-        for (int i = 0; i < M::COPIES; ++i) {
-            const int r = copy_row(i), c0 = copy_col(i);
-            const long long t = tc + r, ev = e_base + c0;
-            const bool valid = t < t_end && ev < D;
-            const int at = st * STAGE + r * LDX + c0;
-            stage(s_x + at, x, t, ev, false, valid);
-            if (SUM) {
-                stage(s_post + at, dx_post, t, ev, false, valid);
-                stage(s_du + at, du, t, ev, true, valid);
-            }
+        const long long t = tc + cr;
+        const bool valid = t < t_end && ev < D;
+        const int at = st * STAGE + copy_at;
+        stage(s_x + at, x, t, false, valid);
+        if (SUM) {
+            stage(s_post + at, dx_post, t, false, valid);
+            stage(s_du + at, du, t, true, valid);
         }
         if (threadIdx.x < TOKC * KPAD / 4) {
             const int r = threadIdx.x / (KPAD / 4), part = threadIdx.x % (KPAD / 4);
@@ -897,19 +898,14 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     // block's slice (16-byte stores; the epilogue's own 16 x 16 tiles, 32 bytes of a row per
     // store, left the pass bound by L2 traffic at ~1.2 TB/s).
     auto write_out = [&](int chunk) {
-        const long long tc = t_begin + (long long)chunk * TOKC;
-#pragma unroll
-        for (int i = 0; i < M::COPIES; ++i) {
-            const int r = copy_row(i), c0 = copy_col(i);
-            const long long t = tc + r, ev = e_base + c0;
-            if (t >= t_end || ev >= D) continue;
-            const bf16* src = s_x + (chunk % STAGES) * STAGE + r * LDX + c0;
-            if (vec_out && ev + 8 <= D) {
-                *reinterpret_cast<Pack8*>(dx + t * D + ev) = *reinterpret_cast<const Pack8*>(src);
-            } else {
+        const long long t = t_begin + (long long)chunk * TOKC + cr;
+        if (t >= t_end || ev >= D) return;
+        const bf16* src = s_x + (chunk % STAGES) * STAGE + copy_at;
+        if (vec_out && ev + 8 <= D) {
+            *reinterpret_cast<Pack8*>(dx + t * D + ev) = *reinterpret_cast<const Pack8*>(src);
+        } else {
 #pragma unroll 1
-                for (int q = 0; q < 8 && ev + q < D; ++q) dx[t * D + ev + q] = src[q];
-            }
+            for (int q = 0; q < 8 && ev + q < D; ++q) dx[t * D + ev + q] = src[q];
         }
     };
 #pragma unroll
