@@ -631,9 +631,9 @@ template <typename T> struct BwdStep {
 };
 constexpr int BWD_X_STAGES = 3;
 // Resident blocks per multiprocessor the register budget is set for on NVIDIA (as
-// proj_min_blocks): three (80 registers, no spills) for n <= 4; no hint for wider n or on AMD.
+// proj_min_blocks): three (80 registers) for n <= 4, in both forms; no hint for wider n or on AMD.
 // Mirrored by bwd_x_resident_blocks in src/gpu/mod.rs, which fits the grid in one wave of them.
-template <typename T> constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
+constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
 
 template <typename T, int N, bool SUM>
 __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __restrict__ phi,
@@ -761,21 +761,21 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
 
 #if MHC_TENSOR_CORES
 // Tensor-core form of coeffs_backward_x for bf16 storage on NVIDIA, where its accumulators fit
-// the registers (k <= 32: n <= 4; wider n keep the FFMA form). Same grid and block: COLS = 256
-// columns of D per block, warp w owns columns 32w .. 32w + 31 of them; tokens in chunks of 16.
+// the registers (k <= 32: n <= 4; wider n keep the FFMA form). Same block (256 threads) and
+// token ranges; each warp owns one 16-column tile, so a block covers COLS = 128 columns of D
+// (bwd_x_block_columns in src/gpu/mod.rs); tokens in chunks of 16.
 // dP is split as hi = bf16(dP), lo = bf16(dP - hi), and phi likewise (once: its fragments stay
 // in registers), so with x exact in bf16 both products carry dP and phi to ~2^-16 relative, as
 // the forward's MmaProduct does (the FFMA form: ~2^-24 per term; both far inside the spec's
-// bf16 bound). Per chunk and 16 x 16 tile:
-//   dphi[cols, :] += x[chunk, cols]^T (dP_hi + dP_lo)                      (2 MMAs)
+// bf16 bound). Per chunk, for the warp's 16 x 16 tile:
+//   dphi[cols, :] += x[chunk, cols]^T (dP_hi + dP_lo)                      (2 MMAs per k tile)
 //   dx[chunk, cols] = dP_hi phi_hi^T + dP_hi phi_lo^T + dP_lo phi_hi^T    (3 MMAs per k tile)
 //                     + coef x  (+ dx_post + H_pre du for SUM)
-// The FFMA form spends 2k multiply-adds per element of x (433 of the sublayer's 1152 us of
-// kernels at T = 16384, C = 1280 on an H200); here the pass is bound by its bytes. Every tensor
-// read in the pass (x, and for SUM dx_post and du) is staged by async copies BWD_X_STAGES - 1
-// chunks ahead, in dynamic shared memory (bwd_x_shared_bytes in src/gpu/mod.rs: 76 KB for SUM,
-// past the 48 KB of static shared memory); loading dx_post and du in the epilogue instead left
-// two memory latencies per chunk exposed (the pass ran at 1.3 TB/s, as slow as the FFMA form).
+// Every tensor the pass reads (x, and for SUM dx_post and du) is staged by async copies
+// BWD_X_STAGES - 1 chunks ahead, in dynamic shared memory (bwd_x_shared_bytes: 39 KB for SUM,
+// with the static arrays past the default 48 KB). On an H200 at T = 16384, C = 1280 the SUM pass
+// takes 338 us (433 in the FFMA form): still bound by instructions (staging, epilogue) rather
+// than by its ~550 MB of DRAM traffic.
 template <int N> struct MmaBwdX {
     static constexpr int K = N * N + 2 * N;
     static constexpr int KT = (K + 15) / 16;  // 16-wide k tiles
@@ -1065,62 +1065,62 @@ extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2
 extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_bf16_n2(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_bf16_n3(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_bf16_n4(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_bf16_n5(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_bf16_n6(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_bf16_n7(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, d_ext, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<float>(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_bf16_n8(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks<mhc_bf16>(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
