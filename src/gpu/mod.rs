@@ -116,7 +116,7 @@ pub enum Grid {
     Chunks,
     /// Grid-stride over tokens, one block per token, capped like `Chunks`.
     BlockPerToken,
-    /// x over the reduction axis D = n*C (`BWD_X_ELEMS_PER_THREAD` per thread), y over token
+    /// x over the reduction axis D = n*C (`bwd_x_block_columns` per block), y over token
     /// ranges of at least `BWD_X_TOKEN_CHUNK` tokens: as many ranges as fit the grid in one wave
     /// of resident blocks (`bwd_x_resident_blocks`). The range length is the kernel's
     /// `tokens_per_split` argument (`Geometry::split_len`). `staged`: the storage tensors the
@@ -161,7 +161,7 @@ pub fn project_resident_blocks(streams: usize) -> usize {
 }
 
 /// `Grid::SplitD`: whether the coefficient backward over x takes its tensor-core form (bf16 on
-/// a device whose kernels have them, k = n*n + 2n <= 32; mirrors `MmaBwdX::fits` in
+/// a device whose kernels have them, k = n*n + 2n <= 32; mirrors `mma_bwd_x_fits` in
 /// kernels/mhc_coeffs.cu).
 pub fn bwd_x_on_tensor_cores(limits: &DeviceLimits, streams: usize, dtype: DType) -> bool {
     limits.tensor_cores && dtype == DType::BF16 && streams * streams + 2 * streams <= 32
@@ -485,7 +485,7 @@ pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
 };
 
 /// Coefficient backward through the projection: dx [T, D] written, dphi [D, k] accumulated.
-/// Grid (ceil(D / (block * BWD_X_ELEMS_PER_THREAD)), ceil(T / tokens_per_split)).
+/// Grid (ceil(D / bwd_x_block_columns), ceil(T / tokens_per_split)).
 pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_bwd_x",
