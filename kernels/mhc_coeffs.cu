@@ -269,6 +269,16 @@ template <typename T, int N> struct FmaProduct {
 };
 
 #if MHC_TENSOR_CORES
+// An f32 operand of the tensor-core products as two bf16 parts, v ~ hi + lo to ~2^-16 relative:
+// hi = bf16(v), lo = bf16(v - hi).
+struct SplitBf16 {
+    mhc_bf16 hi, lo;
+};
+__device__ __forceinline__ SplitBf16 split_bf16(float v) {
+    const mhc_bf16 hi = mhc_f32_to_bf16(v);
+    return {hi, mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi))};
+}
+
 // Tensor-core product for bf16 storage: warp w owns tokens 16w .. 16w + 15 and every column, in
 // 16 x 16 accumulator tiles (k padded to KP). x is exact in bf16; phi (f32) is staged as
 // hi = bf16(phi) and lo = bf16(phi - hi), two MMAs per tile, so P carries phi to ~2^-17
@@ -298,9 +308,9 @@ template <int N> struct MmaProduct {
         for (int n = 0; n < TILES; ++n) nvcuda::wmma::fill_fragment(acc[n], 0.0f);
     }
     __device__ void stage_phi(Shared& s, int at, float v) {
-        const mhc_bf16 hi = mhc_f32_to_bf16(v);
-        s.phi_hi[at] = hi;
-        s.phi_lo[at] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi));
+        const SplitBf16 p = split_bf16(v);
+        s.phi_hi[at] = p.hi;
+        s.phi_lo[at] = p.lo;
     }
     __device__ void multiply(const mhc_bf16* __restrict__ xs, const Shared& s) {
         using namespace nvcuda;
@@ -830,10 +840,9 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         for (int i = lane; i < 256; i += 32) {  // B(k, column) at column * 16 + k
             const long long e = e_warp + i / 16;
             const int c = 16 * ks + i % 16;
-            const float v = e < D && c < K ? phi[e * K + c] : 0.0f;
-            const bf16 hi = mhc_f32_to_bf16(v);
-            scratch[i] = hi;
-            scratch[256 + i] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi));
+            const SplitBf16 p = split_bf16(e < D && c < K ? phi[e * K + c] : 0.0f);
+            scratch[i] = p.hi;
+            scratch[256 + i] = p.lo;
         }
         __syncwarp();
         wmma::load_matrix_sync(phi_hi[ks], scratch, 16);
@@ -936,9 +945,9 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
             Pack<bf16, 2> hi, lo;
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
-                const float v = c + u < K ? s_dp[st][r * KPAD + c + u] : 0.0f;
-                hi.v[u] = mhc_f32_to_bf16(v);
-                lo.v[u] = mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi.v[u]));
+                const SplitBf16 p = split_bf16(c + u < K ? s_dp[st][r * KPAD + c + u] : 0.0f);
+                hi.v[u] = p.hi;
+                lo.v[u] = p.lo;
             }
             *reinterpret_cast<Pack<bf16, 2>*>(&s_dp_hi[r * LDP + c]) = hi;
             *reinterpret_cast<Pack<bf16, 2>*>(&s_dp_lo[r * LDP + c]) = lo;
