@@ -10,6 +10,7 @@
 //   do not pass through registers (cp.async via <cuda_pipeline.h> on NVIDIA), committed in groups;
 //   wait<N> returns once at most N of this thread's groups are in flight. On HIP the copy is a
 //   plain load and store (done at once; the waits are no-ops).
+// - mhc_rcp: 1/v within an ulp, without branches (see below).
 // - MHC_NVIDIA: 1 under nvcc, 0 under HIP (for tuning hints that only mean something on one).
 // - MHC_TENSOR_CORES: 1 where the bf16 WMMA API (<mma.h>, sm_80+) is available (nvcc), 0 on HIP,
 //   whose kernels take the FFMA path instead (same results within the spec's bounds).
@@ -78,3 +79,12 @@ __device__ __forceinline__ void mhc_copy_commit() { __pipeline_commit(); }
 template <int N> __device__ __forceinline__ void mhc_copy_wait() { __pipeline_wait_prior(N); }
 
 #endif
+
+// 1/v within an ulp for normal v: the fast approximate reciprocal and one Newton step, no
+// branches. A plain `1.0f / v` is IEEE division, whose slow-path call ends a basic block: it split
+// each Sinkhorn half-step's n independent divisions into n serial blocks and kept the loads
+// around it from being hoisted (most of the per-token kernels' time at small T).
+__device__ __forceinline__ float mhc_rcp(float v) {
+    const float r = __fdividef(1.0f, v);
+    return fmaf(r, fmaf(-v, r, 1.0f), r);
+}

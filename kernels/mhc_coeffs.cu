@@ -16,17 +16,18 @@ constexpr float EPS_SINKHORN = 1e-6f;
 // 0 = pre, 1 = post, 2 = res: the alpha that scales column c.
 template <int N> __device__ __forceinline__ int group_of(int c) { return c < N ? 0 : (c < 2 * N ? 1 : 2); }
 
-// Ht_c = (alpha_g(c) * P_c) / r + b_c.
+// Ht_c = alpha_g(c) * P_c / r + b_c, with inv_r = 1 / r.
 template <int N>
-__device__ __forceinline__ float logit(const float* __restrict__ alpha_b, int c, float p, float r) {
-    return alpha_b[group_of<N>(c)] * p / r + alpha_b[3 + c];
+__device__ __forceinline__ float logit(const float* __restrict__ alpha_b, int c, float p, float inv_r) {
+    return alpha_b[group_of<N>(c)] * p * inv_r + alpha_b[3 + c];
 }
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 // Sinkhorn-Knopp on the n x n logits in m (H_res on return): M0 = exp(L - max L), then `iters`
-// times columns then rows normalised by (sum + eps) (one division per sum, then products: within
-// an ulp of dividing each entry, and n times fewer divisions on the critical path). When `den` is set, the denominator of
+// times columns then rows normalised by (sum + eps) (one reciprocal per sum, then products: within
+// an ulp of dividing each entry, and n times fewer divisions on the critical path; every sum lies
+// in [eps, n + eps], where mhc_rcp is within an ulp). When `den` is set, the denominator of
 // half-step h (h = 2*it for columns, 2*it + 1 for rows), entry i, goes to den[(h*N + i) * stride].
 template <int N>
 __device__ void sinkhorn(float (&m)[N][N], int iters, float* __restrict__ den, long long stride) {
@@ -47,7 +48,7 @@ __device__ void sinkhorn(float (&m)[N][N], int iters, float* __restrict__ den, l
             for (int i = 0; i < N; ++i) s += m[i][j];
             s += EPS_SINKHORN;
             if (den) den[((2 * it) * N + j) * stride] = s;
-            const float inv = 1.0f / s;
+            const float inv = mhc_rcp(s);
 #pragma unroll
             for (int i = 0; i < N; ++i) m[i][j] *= inv;
         }
@@ -58,7 +59,7 @@ __device__ void sinkhorn(float (&m)[N][N], int iters, float* __restrict__ den, l
             for (int j = 0; j < N; ++j) s += m[i][j];
             s += EPS_SINKHORN;
             if (den) den[((2 * it + 1) * N + i) * stride] = s;
-            const float inv = 1.0f / s;
+            const float inv = mhc_rcp(s);
 #pragma unroll
             for (int j = 0; j < N; ++j) m[i][j] *= inv;
         }
@@ -96,7 +97,7 @@ __device__ void sinkhorn_backward(const float (&l)[N][N], float (&dm)[N][N], int
                 float dot = 0.0f;
 #pragma unroll
                 for (int j = 0; j < N; ++j) dot += dm[i][j] * m[i][j];
-                const float inv = 1.0f / d[i];
+                const float inv = mhc_rcp(d[i]);
 #pragma unroll
                 for (int j = 0; j < N; ++j) {
                     dm[i][j] = (dm[i][j] - dot) * inv;
@@ -109,7 +110,7 @@ __device__ void sinkhorn_backward(const float (&l)[N][N], float (&dm)[N][N], int
                 float dot = 0.0f;
 #pragma unroll
                 for (int i = 0; i < N; ++i) dot += dm[i][j] * m[i][j];
-                const float inv = 1.0f / d[j];
+                const float inv = mhc_rcp(d[j]);
 #pragma unroll
                 for (int i = 0; i < N; ++i) {
                     dm[i][j] = (dm[i][j] - dot) * inv;
@@ -150,15 +151,16 @@ template <int N>
 __device__ void write_ext(const float (&p)[N * N + 2 * N], float r, const float* __restrict__ alpha_b, int iters,
                           float* __restrict__ ext_row) {
     constexpr int K = N * N + 2 * N;
+    const float inv_r = 1.0f / r;
 #pragma unroll
-    for (int c = 0; c < N; ++c) ext_row[c] = sigmoid(logit<N>(alpha_b, c, p[c], r));
+    for (int c = 0; c < N; ++c) ext_row[c] = sigmoid(logit<N>(alpha_b, c, p[c], inv_r));
 #pragma unroll
-    for (int c = N; c < 2 * N; ++c) ext_row[c] = 2.0f * sigmoid(logit<N>(alpha_b, c, p[c], r));
+    for (int c = N; c < 2 * N; ++c) ext_row[c] = 2.0f * sigmoid(logit<N>(alpha_b, c, p[c], inv_r));
     float m[N][N];
 #pragma unroll
     for (int i = 0; i < N; ++i)
 #pragma unroll
-        for (int j = 0; j < N; ++j) m[i][j] = logit<N>(alpha_b, 2 * N + i * N + j, p[2 * N + i * N + j], r);
+        for (int j = 0; j < N; ++j) m[i][j] = logit<N>(alpha_b, 2 * N + i * N + j, p[2 * N + i * N + j], inv_r);
     sinkhorn<N>(m, iters, nullptr, 0);
 #pragma unroll
     for (int i = 0; i < N; ++i)
@@ -563,28 +565,30 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
 #pragma unroll
     for (int i = 0; i < NV; ++i) part[i] = 0.0f;
     if (t < tokens) {
+        // The token's values go to registers first, every load in flight at once.
         const float* e = ext + t * (2 * K + 1);
         const float* de = d_ext + t * (2 * K + 1);
-        const float r = e[2 * K];
-        float dht[K];
+        float h[2 * N], p[K], dht[K];
 #pragma unroll
-        for (int c = 0; c < N; ++c) {
-            const float s = e[c];
-            dht[c] = de[c] * s * (1.0f - s);
-        }
+        for (int c = 0; c < 2 * N; ++c) h[c] = e[c];
 #pragma unroll
-        for (int c = N; c < 2 * N; ++c) {
-            const float hp = e[c];
-            dht[c] = de[c] * hp * (1.0f - 0.5f * hp);
+        for (int c = 0; c < K; ++c) {
+            p[c] = e[K + c];
+            dht[c] = de[c];
         }
+        const float inv_r = 1.0f / e[2 * K];
+#pragma unroll
+        for (int c = 0; c < N; ++c) dht[c] *= h[c] * (1.0f - h[c]);
+#pragma unroll
+        for (int c = N; c < 2 * N; ++c) dht[c] *= h[c] * (1.0f - 0.5f * h[c]);
         float l[N][N], dm[N][N];
 #pragma unroll
         for (int i = 0; i < N; ++i)
 #pragma unroll
             for (int j = 0; j < N; ++j) {
                 const int c = 2 * N + i * N + j;
-                l[i][j] = logit<N>(alpha_b, c, e[K + c], r);
-                dm[i][j] = de[c];
+                l[i][j] = logit<N>(alpha_b, c, p[c], inv_r);
+                dm[i][j] = dht[c];
             }
         if (den_on_chip) {
             sinkhorn_backward<N>(l, dm, iters, den_shared + threadIdx.x, MHC_WAVE);
@@ -601,13 +605,12 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
         for (int c = 0; c < K; ++c) {
             const int g = group_of<N>(c);
             const float a = alpha_b[g];
-            const float p = e[K + c];
-            part[g] += dht[c] * p / r;
+            part[g] += dht[c] * p[c] * inv_r;
             part[3 + c] = dht[c];
-            dp_row[c] = a * dht[c] / r;
-            dr -= a * dht[c] * p / (r * r);
+            dp_row[c] = a * dht[c] * inv_r;
+            dr -= a * dht[c] * p[c] * inv_r * inv_r;
         }
-        dp_row[K] = dr / ((float)D * r);
+        dp_row[K] = dr * inv_r / (float)D;
 #pragma unroll
         for (int c = K + 1; c < KPAD; ++c) dp_row[c] = 0.0f;
     }

@@ -30,6 +30,8 @@
 inline void __syncthreads() { emu::sync_block(); }
 
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+// The GPUs' fast division (approximate there); exact here, which mhc_rcp's Newton step keeps.
+inline float __fdividef(float a, float b) { return a / b; }
 inline double __longlong_as_double(long long v) {
     double d;
     std::memcpy(&d, &v, 8);
