@@ -70,10 +70,11 @@ __device__ __forceinline__ void rn_backward_chunk(const T* __restrict__ xr, cons
 // Backward: grid-stride over rows, a block per pair of rows at a time (rows r and r + gridDim.x:
 // the loads of both are in flight together; one row at a time left the kernel waiting on memory
 // at 37% of copy bandwidth). Pass 1 sums x^2 and gamma*dy*x over both rows, pass 2 (L1 re-reads)
-// writes dx and accumulates dgamma in registers; each block adds its sum to its own row of
-// dgamma_partial [gridDim.x, C] (zeroed before the launch; the rows are summed by
-// dgamma_column_sums below). Plain adds, no atomics: with every block adding into one [C] row,
-// ~1000 blocks x C atomics on the same C addresses took 138 us at 1024 x 2560 on an H100.
+// writes dx and accumulates dgamma in registers; each block writes its sum to its own row of
+// dgamma_partial [gridDim.x, C] (the rows are summed by dgamma_column_sums below), so the grid
+// has at least a pair of rows per block: the partial rows cost as many bytes as the block's rows.
+// Plain stores, no atomics: with every block adding into one [C] row, ~1000 blocks x C atomics
+// on the same C addresses took 138 us at 1024 x 2560 on an H100.
 template <typename T>
 __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restrict__ gamma,
                                   const T* __restrict__ dy, T* __restrict__ dx,
@@ -92,6 +93,12 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
     for (int m = 0; m < RN_REG_CHUNKS; ++m)
 #pragma unroll
         for (int q = 0; q < V; ++q) acc[m][q] = 0.0f;
+    // Columns past the register chunks are added to row by row, by the thread that zeroes them.
+    for (long long cv = threadIdx.x + (long long)RN_REG_CHUNKS * blockDim.x; cv < chunks; cv += blockDim.x) {
+#pragma unroll
+        for (int q = 0; q < V; ++q)
+            if (cv * V + q < C) dgamma[cv * V + q] = 0.0f;
+    }
     for (long long r0 = blockIdx.x; r0 < rows; r0 += PAIR * (long long)gridDim.x) {
         // sums[2p] = sum x^2, sums[2p + 1] = sum gamma * dy * x of row r0 + p * gridDim.x.
         float sums[2 * PAIR] = {};
@@ -145,7 +152,7 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
         if (cv < chunks) {
 #pragma unroll
             for (int q = 0; q < V; ++q)
-                if (cv * V + q < C) dgamma[cv * V + q] += acc[m][q];
+                if (cv * V + q < C) dgamma[cv * V + q] = acc[m][q];
         }
     }
 }

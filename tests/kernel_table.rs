@@ -9,10 +9,10 @@
 use candle_core::DType;
 use mhc_train::gpu::{
     bwd_x_resident_blocks, project_resident_blocks, Arg, DeviceLimits, Elem,
-    ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, BWD_X_ELEMS_PER_THREAD, BWD_X_TOKEN_CHUNK,
-    COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT, DGAMMA_SUM_COLUMNS, FINISH_TOKENS, KERNELS,
-    MAX_STREAMS, MIN_STREAMS, PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM,
-    RMS_NORM_FWD,
+    ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, ACCUMULATE_ROWS_PER_BLOCK, BWD_X_ELEMS_PER_THREAD,
+    BWD_X_TOKEN_CHUNK, COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT, DGAMMA_SUM_COLUMNS,
+    FINISH_TOKENS, KERNELS, MAX_STREAMS, MIN_STREAMS, PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD,
+    RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
 };
 use mhc_train::mhc::MhcShape;
 use std::collections::HashMap;
@@ -171,10 +171,18 @@ fn rms_norm_launch_rules() {
         bwd.grid,
         ((ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * 132) as u32, 1)
     );
-    // Fewer rows than the cap: one block per row. Wide f32 rows: the block is capped at 256.
+    // Fewer rows than the cap: one block per pair of rows (ACCUMULATE_ROWS_PER_BLOCK). Wide f32
+    // rows: the block is capped at 256.
+    assert_eq!(ACCUMULATE_ROWS_PER_BLOCK, 2);
     assert_eq!(
         RMS_NORM_BWD.row_geometry(&limits, DType::F32, 5, 9000).grid,
-        (5, 1)
+        (3, 1)
+    );
+    assert_eq!(
+        RMS_NORM_BWD
+            .row_geometry(&limits, DType::BF16, 1024, 2560)
+            .grid,
+        (512, 1)
     );
     assert_eq!(
         RMS_NORM_FWD

@@ -454,7 +454,7 @@ impl Bench {
             let alpha_b = Tensor::cat(&[layer.alpha.as_tensor(), layer.b.as_tensor()], 0)?.detach();
             let ext = x.apply_op3(&phi, &alpha_b, ops::CoeffsOp { shape })?;
             let h = ext.narrow(1, 0, shape.k())?.contiguous()?;
-            let d_ext = Tensor::randn(0f32, 1.0, ext.dims(), device)?;
+            let dh = Tensor::randn(0f32, 1.0, h.dims(), device)?;
             let y = Tensor::randn(0f32, 1.0, (tokens, width), device)?.to_dtype(dtype)?;
             let g = Tensor::randn(0f32, 1.0, x.dims(), device)?.to_dtype(dtype)?;
             let elem = dtype.size_in_bytes() as f64;
@@ -477,7 +477,7 @@ impl Bench {
                     "coeffs bwd",
                     2.0 * xb,
                     Box::new(|| {
-                        super::mhc::coeffs_backward(&shape, &x, &phi, &alpha_b, &ext, &d_ext)?;
+                        super::mhc::coeffs_backward(&shape, &x, &phi, &alpha_b, &ext, &dh)?;
                         Ok(())
                     }),
                 ),
@@ -518,7 +518,7 @@ impl Bench {
                     3.0 * xb + ub,
                     Box::new(|| {
                         super::chain::coeffs_backward_sum(
-                            &shape, &x, &phi, &alpha_b, &ext, &d_ext, &g, &y, &h,
+                            &shape, &x, &phi, &alpha_b, &ext, &dh, &g, &y, &h,
                         )?;
                         Ok(())
                     }),

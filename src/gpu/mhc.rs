@@ -242,7 +242,15 @@ pub(super) use dispatch_storage;
 // ------------------------------------------------------------------------------------------------
 // coeffs
 
-/// CoeffsOp forward: ext [T, 2k+1] f32 = [H | P | r].
+/// The coefficients of T tokens: ext [T, 2k+1] f32 = [H | P | r] (what the backward reads) and
+/// h [T, k] = H (what pre and post read), both written by the last kernel.
+pub struct Coeffs {
+    pub ext: CudaStorage,
+    pub h: CudaStorage,
+    pub tokens: usize,
+}
+
+/// CoeffsOp forward: ext and h (`Coeffs`).
 pub fn coeffs_forward(
     shape: &MhcShape,
     x: &CudaStorage,
@@ -251,7 +259,7 @@ pub fn coeffs_forward(
     phi_l: &Layout,
     alpha_b: &CudaStorage,
     alpha_b_l: &Layout,
-) -> Result<(CudaStorage, Shape)> {
+) -> Result<Coeffs> {
     let op = "mhc-coeffs";
     dispatch_storage!(op, x.dtype(), T => {
         let dev = &x.device;
@@ -262,6 +270,7 @@ pub fn coeffs_forward(
         let alpha_b = view::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
         let ext_len = tokens * (2 * k + 1);
         let mut ext = alloc_out::<f32>(dev, ext_len)?;
+        let mut h = alloc_out::<f32>(dev, tokens * k)?;
         let (tokens_i, iters) = (tokens as i64, shape.sinkhorn_iters as i32);
         if tokens > 0 {
             let dtype = x.dtype();
@@ -283,7 +292,7 @@ pub fn coeffs_forward(
                 let func = function(dev, &COEFFS_FINISH, dtype, n)?;
                 let finish = COEFFS_FINISH.geometry(&limits, shape, dtype, tokens);
                 let mut b = stream.launch_builder(&func);
-                b.arg(&partial).arg(&alpha_b).arg(&mut ext);
+                b.arg(&partial).arg(&alpha_b).arg(&mut ext).arg(&mut h);
                 b.arg(&tokens_i).arg(&d_i).arg(&splits_i).arg(&iters);
                 unsafe { b.launch(cfg(&func, &finish)?) }.w()?;
             } else {
@@ -291,27 +300,32 @@ pub fn coeffs_forward(
                 let geometry = COEFFS_STATIC.geometry(&limits(dev)?, shape, dtype, tokens);
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&func);
-                b.arg(&alpha_b).arg(&mut ext).arg(&tokens_i).arg(&iters);
+                b.arg(&alpha_b).arg(&mut ext).arg(&mut h);
+                b.arg(&tokens_i).arg(&iters);
                 unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
             }
         }
-        Ok((wrap(dev, ext), Shape::from((tokens, 2 * k + 1))))
+        Ok(Coeffs {
+            ext: wrap(dev, ext),
+            h: wrap(dev, h),
+            tokens,
+        })
     })
 }
 
-/// CoeffsOp backward: (dx, dphi, dalpha_b); dx and dphi are None in static mode. Only the first
-/// k columns of d_ext (dH) are read.
+/// CoeffsOp backward from dh [T, k] = dL/dH: (dx, dphi, dalpha_b); dx and dphi are None in
+/// static mode.
 pub fn coeffs_backward(
     shape: &MhcShape,
     x: &Tensor,
     phi: &Tensor,
     alpha_b: &Tensor,
     ext: &Tensor,
-    d_ext: &Tensor,
+    dh: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
     let op = "mhc-coeffs backward";
     dispatch_storage!(op, x.dtype(), T => {
-        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, d_ext)?;
+        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, dh)?;
         if !shape.dynamic {
             return Ok((None, None, dalpha_b));
         }
@@ -351,22 +365,22 @@ pub(super) fn coeffs_backward_token(
     phi: &Tensor,
     alpha_b: &Tensor,
     ext: &Tensor,
-    d_ext: &Tensor,
+    dh: &Tensor,
 ) -> Result<(CudaSlice<f32>, Tensor)> {
     let (n, k) = (shape.streams, shape.k());
     let tokens = tokens_of(op, shape, x.dims())?;
     let d = n * shape.width;
     check_coeff_params(op, shape, alpha_b.dims(), phi.dims())?;
     check_dims(op, "ext", ext.dims(), &[tokens, 2 * k + 1])?;
-    check_dims(op, "d_ext", d_ext.dims(), &[tokens, 2 * k + 1])?;
-    let d_ext = d_ext.contiguous()?;
+    check_dims(op, "dh", dh.dims(), &[tokens, k])?;
+    let dh = dh.contiguous()?;
     cuda_storage!(op, "alpha_b", alpha_b => alpha_b_s, alpha_b_l);
     cuda_storage!(op, "ext", ext => ext_s, ext_l);
-    cuda_storage!(op, "d_ext", d_ext => d_ext_s, d_ext_l);
+    cuda_storage!(op, "dh", dh => dh_s, dh_l);
     let dev = &ext_s.device;
     let alpha_b_v = view::<f32>(op, "alpha_b", alpha_b_s, alpha_b_l)?;
     let ext_v = view::<f32>(op, "ext", ext_s, ext_l)?;
-    let d_ext_v = view::<f32>(op, "d_ext", d_ext_s, d_ext_l)?;
+    let dh_v = view::<f32>(op, "dh", dh_s, dh_l)?;
     let stream = dev.cuda_stream();
 
     let mut dalpha_b = dev.alloc_zeros::<f32>(3 + k)?;
@@ -382,7 +396,7 @@ pub(super) fn coeffs_backward_token(
         // small T over more multiprocessors.
         let geometry = COEFFS_BWD_TOKEN.geometry(&limits(dev)?, shape, x.dtype(), tokens);
         let mut b = stream.launch_builder(&func);
-        b.arg(&alpha_b_v).arg(&ext_v).arg(&d_ext_v);
+        b.arg(&alpha_b_v).arg(&ext_v).arg(&dh_v);
         b.arg(&mut dp).arg(&mut den).arg(&mut dalpha_b);
         b.arg(&tokens_i).arg(&d_i).arg(&iters);
         unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;

@@ -122,10 +122,10 @@ pub enum Grid {
     /// `tokens_per_split` argument (`Geometry::split_len`). `staged`: the storage tensors the
     /// pass stages in shared memory (`bwd_x_shared_bytes`).
     SplitD { staged: usize },
-    /// Grid-stride over rows, one block per row at a time, at most
+    /// Grid-stride over rows, one block per `ACCUMULATE_ROWS_PER_BLOCK` rows at a time, at most
     /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor: each block sums its
-    /// rows' share of an `Accumulate` output in registers and adds it once at the end into its
-    /// own row of a [blocks, ..] partial output, which the caller sums.
+    /// rows' share of a reduced output in registers and writes it once at the end into its own
+    /// row of a [blocks, ..] partial output, which the caller sums.
     RowsAccumulate,
     /// One block per `DGAMMA_SUM_COLUMNS` adjacent columns of the row width C.
     ColumnGroups,
@@ -142,6 +142,9 @@ pub const BWD_X_TOKEN_CHUNK: usize = 32;
 pub const FINISH_TOKENS: usize = 16;
 /// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor.
 pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 8;
+/// `Grid::RowsAccumulate`: rows a block takes at once (mirrors PAIR in kernels/rms_norm.cu); no
+/// more blocks than that fills, as every block's partial row costs as many bytes as a row.
+pub const ACCUMULATE_ROWS_PER_BLOCK: usize = 2;
 /// `Grid::ColumnGroups`: columns per block (mirrors RN_SUM_COLUMNS in kernels/rms_norm.cu).
 pub const DGAMMA_SUM_COLUMNS: usize = 8;
 /// `Grid::ProjectTiles` (mirrors PROJ_TOKENS and PROJ_CHUNK in kernels/mhc_coeffs.cu): tokens
@@ -362,7 +365,7 @@ impl KernelSpec {
                 (
                     blocks(
                         tokens,
-                        1,
+                        ACCUMULATE_ROWS_PER_BLOCK,
                         ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1),
                     ),
                     1,
@@ -406,7 +409,8 @@ impl KernelSpec {
 use Arg::{Accumulate, In, Out, I32, I64};
 use Elem::{Storage, F32};
 
-/// Static-mode coefficients: ext = [act(b) | 0 | 1] per token. One thread per token.
+/// Static-mode coefficients: ext = [act(b) | 0 | 1] per token, and h [T, k] = its H columns.
+/// One thread per token.
 pub const COEFFS_STATIC: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_static",
@@ -415,6 +419,7 @@ pub const COEFFS_STATIC: KernelSpec = KernelSpec {
     args: &[
         In("alpha_b", F32),
         Out("ext", F32),
+        Out("h", F32),
         I64("tokens"),
         I32("iters"),
     ],
@@ -443,7 +448,8 @@ pub const COEFFS_PROJECT: KernelSpec = KernelSpec {
 };
 
 /// Dynamic coefficients, step 2: per tile of `FINISH_TOKENS` tokens, the slices added, rms,
-/// scale/bias, activations, Sinkhorn; ext [T, 2k+1]. `splits` is the project launch's grid y.
+/// scale/bias, activations, Sinkhorn; ext [T, 2k+1] and h [T, k] (ext's H columns). `splits` is
+/// the project launch's grid y.
 pub const COEFFS_FINISH: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_finish",
@@ -453,6 +459,7 @@ pub const COEFFS_FINISH: KernelSpec = KernelSpec {
         In("partial", F32),
         In("alpha_b", F32),
         Out("ext", F32),
+        Out("h", F32),
         I64("tokens"),
         I64("D"),
         I32("splits"),
@@ -462,8 +469,8 @@ pub const COEFFS_FINISH: KernelSpec = KernelSpec {
     grid: Grid::TokenTiles,
 };
 
-/// Coefficient backward, per token (one thread each): dp [T, bwd_row_len(n)], Sinkhorn scratch
-/// den [2 * iters * n, T], dalpha_b [3 + k] accumulated.
+/// Coefficient backward, per token (one thread each), from ext and dh [T, k] = dL/dH: dp [T,
+/// bwd_row_len(n)], Sinkhorn scratch den [2 * iters * n, T], dalpha_b [3 + k] accumulated.
 pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_bwd_token",
@@ -472,7 +479,7 @@ pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
     args: &[
         In("alpha_b", F32),
         In("ext", F32),
-        In("d_ext", F32),
+        In("dh", F32),
         Out("dp", F32),
         Out("den", F32),
         Accumulate("dalpha_b", F32),
@@ -675,7 +682,7 @@ pub const RMS_NORM_BWD: KernelSpec = KernelSpec {
         In("gamma", F32),
         In("dy", Storage),
         Out("dx", Storage),
-        Accumulate("dgamma_partial", F32),
+        Out("dgamma_partial", F32),
         I64("rows"),
         I64("C"),
         I64("eps_bits"),

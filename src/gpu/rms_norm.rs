@@ -78,8 +78,13 @@ pub fn backward(eps: f64, x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Te
         let limits = limits(dev)?;
         let geometry = RMS_NORM_BWD.row_geometry(&limits, x.dtype(), rows, c);
         let blocks = geometry.grid.0 as usize;
-        let mut dgamma_partial = dev.alloc_zeros::<f32>(blocks * c)?;
-        let mut dgamma = dev.alloc_zeros::<f32>(c)?;
+        // The kernels write both in full; no rows leave dgamma zero.
+        let mut dgamma_partial = alloc_out::<f32>(dev, blocks * c)?;
+        let mut dgamma = if rows > 0 {
+            alloc_out::<f32>(dev, c)?
+        } else {
+            dev.alloc_zeros::<f32>(c)?
+        };
         if rows > 0 && c > 0 {
             let func = function(dev, &RMS_NORM_BWD, x.dtype(), 0)?;
             let x_v = view::<T>(op, "x", x_s, x_l)?;

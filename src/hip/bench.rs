@@ -7,7 +7,7 @@
 //! What is timed: every launch of the sublayer as the trainer runs it on CUDA: coeffs, pre, the
 //! fused RMSNorm and post, and their chained backward (dx written once: by the coefficient
 //! backward in dynamic mode, by pre's backward in static mode), with the strided copies that
-//! narrow ext to H and assemble d_ext and the zeroing of accumulated gradients.
+//! assemble dh from pre's and post's columns and the zeroing of accumulated gradients.
 //!
 //! Bytes floor: the CUDA tables' (`LayerConfig::floor_fwd_bytes`, 3X + 4U forward and 9X + 10U
 //! forward+backward, X = T*n*C and U = T*C elements of the storage dtype).

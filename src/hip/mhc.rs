@@ -8,7 +8,7 @@
 //! finish, through the partial sums in `CoeffsScratch`) or 1 (static); coeffs backward 1
 //! (static) or 2 (dynamic; the second also sums the sublayer's dx when chained), plus the zeroing
 //! of the accumulated dphi / dalpha_b; pre and post 1 each way.
-//! Layouts as in docs/ops.md: x [T, n, C], h [T, k], ext and d_ext [T, 2k + 1], phi [nC, k],
+//! Layouts as in docs/ops.md: x [T, n, C], h and dh [T, k], ext [T, 2k + 1], phi [nC, k],
 //! alpha_b [3 + k].
 
 use super::rms_norm::RmsNorm;
@@ -44,8 +44,8 @@ fn launch(
     dev.launch(spec, dtype, shape.streams, &geometry, args)
 }
 
-/// Coefficients forward: ext [T, 2k+1] = [H | P | r]. Static mode reads neither x nor phi
-/// (phi may be empty). The projection's partial sums go to `scratch`.
+/// Coefficients forward: ext [T, 2k+1] = [H | P | r] and h [T, k] = H. Static mode reads neither
+/// x nor phi (phi may be empty). The projection's partial sums go to `scratch`.
 #[allow(clippy::too_many_arguments)]
 pub fn coeffs_forward<T: DeviceElem>(
     dev: &Device,
@@ -55,6 +55,7 @@ pub fn coeffs_forward<T: DeviceElem>(
     phi: &Buffer<f32>,
     alpha_b: &Buffer<f32>,
     ext: &mut Buffer<f32>,
+    h: &mut Buffer<f32>,
     scratch: &mut CoeffsScratch,
 ) -> Result<()> {
     let op = "mhc-coeffs";
@@ -63,6 +64,7 @@ pub fn coeffs_forward<T: DeviceElem>(
     check_len(op, "phi", phi, if shape.dynamic { d * k } else { 0 })?;
     check_len(op, "alpha_b", alpha_b, 3 + k)?;
     check_len(op, "ext", ext, tokens * (2 * k + 1))?;
+    check_len(op, "h", h, tokens * k)?;
     if tokens == 0 {
         return Ok(());
     }
@@ -91,6 +93,7 @@ pub fn coeffs_forward<T: DeviceElem>(
             partial.arg(),
             alpha_b.arg(),
             ext.arg_mut(),
+            h.arg_mut(),
             KernelArg::I64(tokens_i),
             KernelArg::I64(d as i64),
             KernelArg::I32(splits as i32),
@@ -101,6 +104,7 @@ pub fn coeffs_forward<T: DeviceElem>(
         let args = [
             alpha_b.arg(),
             ext.arg_mut(),
+            h.arg_mut(),
             KernelArg::I64(tokens_i),
             KernelArg::I32(iters),
         ];
@@ -108,31 +112,19 @@ pub fn coeffs_forward<T: DeviceElem>(
     }
 }
 
-/// H [T, k] from ext [T, 2k+1]: its first k columns, one strided device copy.
-pub fn h_of_ext(
-    shape: &MhcShape,
-    tokens: usize,
-    ext: &Buffer<f32>,
-    h: &mut Buffer<f32>,
-) -> Result<()> {
-    let k = shape.k();
-    check_len("mhc-coeffs", "h", h, tokens * k)?;
-    h.copy_columns(k, 0, ext, 2 * k + 1, 0, k, tokens)
-}
-
-/// d_ext [T, 2k+1] from the two partial coefficient gradients, as autograd sums them on CUDA:
-/// pre backward fills only the pre columns of its dh, post backward only the post and res
-/// columns, so each is copied into its columns (the P and r columns are never read).
-pub fn d_ext_of(
+/// dh [T, k] from the two partial coefficient gradients, as autograd sums them on CUDA: pre
+/// backward fills only the pre columns of its dh, post backward only the post and res columns,
+/// so each is copied into its columns.
+pub fn dh_of(
     shape: &MhcShape,
     tokens: usize,
     dh_pre: &Buffer<f32>,
     dh_post: &Buffer<f32>,
-    d_ext: &mut Buffer<f32>,
+    dh: &mut Buffer<f32>,
 ) -> Result<()> {
     let (n, k) = (shape.streams, shape.k());
-    d_ext.copy_columns(2 * k + 1, 0, dh_pre, k, 0, n, tokens)?;
-    d_ext.copy_columns(2 * k + 1, n, dh_post, k, n, k - n, tokens)
+    dh.copy_columns(k, 0, dh_pre, k, 0, n, tokens)?;
+    dh.copy_columns(k, n, dh_post, k, n, k - n, tokens)
 }
 
 /// Scratch of the coefficient ops, allocated once so timed calls only launch: the forward
@@ -179,7 +171,7 @@ pub struct DxContributions<'a, T: DeviceElem> {
     pub h: &'a Buffer<f32>,
 }
 
-/// Coefficients backward from d_ext (only its first k columns, dH, are read): dalpha_b always;
+/// Coefficients backward from dh [T, k] = dL/dH: dalpha_b always;
 /// dx [T, n, C] and dphi [nC, k] in dynamic mode, dx with `chained`'s contributions added when
 /// given.
 #[allow(clippy::too_many_arguments)]
@@ -191,7 +183,7 @@ pub fn coeffs_backward<T: DeviceElem>(
     phi: &Buffer<f32>,
     alpha_b: &Buffer<f32>,
     ext: &Buffer<f32>,
-    d_ext: &Buffer<f32>,
+    dh: &Buffer<f32>,
     scratch: &mut CoeffsScratch,
     grads: CoeffsGrads<T>,
     chained: Option<DxContributions<T>>,
@@ -203,7 +195,7 @@ pub fn coeffs_backward<T: DeviceElem>(
     check_len(op, "phi", phi, if shape.dynamic { d * k } else { 0 })?;
     check_len(op, "alpha_b", alpha_b, 3 + k)?;
     check_len(op, "ext", ext, tokens * (2 * k + 1))?;
-    check_len(op, "d_ext", d_ext, tokens * (2 * k + 1))?;
+    check_len(op, "dh", dh, tokens * k)?;
     check_len(op, "dp", &scratch.dp, tokens * bwd_row_len(n))?;
     check_len(op, "dalpha_b", grads.dalpha_b, 3 + k)?;
     if let Some(sum) = &chained {
@@ -217,7 +209,7 @@ pub fn coeffs_backward<T: DeviceElem>(
         let args = [
             alpha_b.arg(),
             ext.arg(),
-            d_ext.arg(),
+            dh.arg(),
             scratch.dp.arg_mut(),
             scratch.den.arg_mut(),
             grads.dalpha_b.arg_mut(),
@@ -515,7 +507,8 @@ pub struct Sublayer<T: DeviceElem> {
     /// pre's dx term (unused by the chained dynamic backward).
     pub dx_pre: Buffer<T>,
     pub dh_pre: Buffer<f32>,
-    pub d_ext: Buffer<f32>,
+    /// dL/dH: dh_pre's and dh_post's columns.
+    pub dh: Buffer<f32>,
     /// Dynamic mode: the coefficient backward's dx, its own term (unchained) or the whole dx
     /// (chained).
     pub dx_coeffs: Buffer<T>,
@@ -587,7 +580,7 @@ impl<T: DeviceElem> Sublayer<T> {
             dy: dev.alloc_out(tokens * c)?,
             dx_pre: dev.alloc_out(pre_dx_len)?,
             dh_pre: dev.alloc_out(tokens * k)?,
-            d_ext: dev.zeros(tokens * (2 * k + 1))?,
+            dh: dev.alloc_out(tokens * k)?,
             dx_coeffs: dev.alloc_out(dynamic_len(tokens * d))?,
             dphi: dev.alloc(dynamic_len(d * k))?,
             dalpha_b: dev.alloc(3 + k)?,
@@ -607,9 +600,9 @@ impl<T: DeviceElem> Sublayer<T> {
             &self.phi,
             &self.alpha_b,
             &mut self.ext,
+            &mut self.h,
             &mut self.scratch,
         )?;
-        h_of_ext(shape, t, &self.ext, &mut self.h)?;
         pre_forward(dev, shape, t, &self.x, &self.h, &mut self.u)?;
         if let Some(f) = &self.rms_norm {
             f.norm.forward(dev, &self.u, &f.gamma, &mut self.y)?;
@@ -661,7 +654,7 @@ impl<T: DeviceElem> Sublayer<T> {
     }
 
     /// From du: dh_pre and pre's dx (none when the chained dynamic backward folds it in; the
-    /// sublayer's dx, post's added, when chained in static mode), d_ext, then the coefficient
+    /// sublayer's dx, post's added, when chained in static mode), dh, then the coefficient
     /// backward (dalpha_b; dynamic: dx_coeffs and dphi).
     pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
@@ -686,7 +679,7 @@ impl<T: DeviceElem> Sublayer<T> {
             dx_pre,
             &mut self.dh_pre,
         )?;
-        d_ext_of(shape, t, &self.dh_pre, &self.dh_post, &mut self.d_ext)?;
+        dh_of(shape, t, &self.dh_pre, &self.dh_post, &mut self.dh)?;
         let grads = CoeffsGrads {
             dx: &mut self.dx_coeffs,
             dphi: &mut self.dphi,
@@ -705,7 +698,7 @@ impl<T: DeviceElem> Sublayer<T> {
             &self.phi,
             &self.alpha_b,
             &self.ext,
-            &self.d_ext,
+            &self.dh,
             &mut self.scratch,
             grads,
             contributions,

@@ -88,7 +88,6 @@ impl RmsNorm {
         let geometry = RMS_NORM_BWD.row_geometry(&dev.limits, T::DTYPE, rows, c);
         let blocks = geometry.grid.0 as usize;
         check_len(op, "dgamma_partial", &self.dgamma_partial, blocks * c)?;
-        self.dgamma_partial.zero()?;
         let (rows_i, c_i, eps_bits) = (rows as i64, c as i64, self.eps.to_bits() as i64);
         let args = [
             x.arg(),

@@ -330,8 +330,8 @@ pub struct CoeffsGrads<E> {
     pub dalpha_b: Vec<f32>,
 }
 
-/// Coefficients backward from d_ext [T, 2k + 1]; only its first k columns (dH) are read: the public
-/// `coeffs` narrows ext to H, so the P and r columns never receive a gradient.
+/// Coefficients backward from dh [T, k] = dL/dH (P and r, kept in ext for the backward, never
+/// receive a gradient: the public `coeffs` narrows ext to H).
 ///
 /// Per token: dHt from dH (activations_backward), then
 /// db_c += dHt_c; dalpha_g += sum_{c in g} dHt_c * P_c / r; dP_c = alpha_g(c) * dHt_c / r;
@@ -343,7 +343,7 @@ pub fn coeffs_backward<E: Elem>(
     phi: &[f32],
     alpha_b: &[f32],
     ext: &[f32],
-    d_ext: &[f32],
+    dh: &[f32],
 ) -> CoeffsGrads<E> {
     let k = shape.k();
     let nc = shape.streams * shape.width;
@@ -354,8 +354,8 @@ pub fn coeffs_backward<E: Elem>(
         // Every token has the same H (from b alone) and dHt is linear in dH, so one backward of
         // sum_t dH_t gives db = sum_t dHt_t; P = 0 makes dalpha = 0.
         let mut grad = vec![0.0f32; k];
-        for d_t in d_ext.chunks_exact(row_len) {
-            for (g, &d) in grad.iter_mut().zip(&d_t[..k]) {
+        for d_t in dh.chunks_exact(k) {
+            for (g, &d) in grad.iter_mut().zip(d_t) {
                 *g += d;
             }
         }
@@ -381,7 +381,7 @@ pub fn coeffs_backward<E: Elem>(
     dht.par_chunks_mut(k)
         .zip(dp.par_chunks_mut(k))
         .zip(dalpha_t.par_chunks_mut(3).zip(dx.par_chunks_mut(nc)))
-        .zip(ext.par_chunks(row_len).zip(d_ext.par_chunks(row_len)))
+        .zip(ext.par_chunks(row_len).zip(dh.par_chunks(k)))
         .zip(x.par_chunks(nc))
         .for_each_init(
             || {
@@ -391,12 +391,12 @@ pub fn coeffs_backward<E: Elem>(
                     vec![0.0f32; k],
                 )
             },
-            |(scratch, ht, h), ((((dht_t, dp_t), (dalpha_tt, dx_t)), (ext_t, d_ext_t)), x_t)| {
+            |(scratch, ht, h), ((((dht_t, dp_t), (dalpha_tt, dx_t)), (ext_t, dh_t)), x_t)| {
                 let p = &ext_t[k..2 * k];
                 let r = ext_t[2 * k];
                 logits(shape, alpha_b, p, r, ht);
                 activations(shape, ht, scratch, h);
-                dht_t.copy_from_slice(&d_ext_t[..k]);
+                dht_t.copy_from_slice(dh_t);
                 activations_backward(shape, h, scratch, dht_t);
                 dalpha_tt.fill(0.0);
                 let mut dr = 0.0f32;

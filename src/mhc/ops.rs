@@ -75,11 +75,8 @@ pub fn sublayer(
         op: CoeffsOp { shape: *shape },
         chain: chain.clone(),
     };
-    // One contiguous copy of H, shared by pre and post.
-    let h = x
-        .apply_op3(&phi, &alpha_b, coeffs)?
-        .narrow(1, 0, shape.k())?
-        .contiguous()?;
+    // H [T, k] itself, shared by pre and post (ext stays with the chain for the backward).
+    let h = x.apply_op3(&phi, &alpha_b, coeffs)?;
     let pre = ChainedPreOp {
         op: PreOp { shape: *shape },
         chain: chain.clone(),
@@ -93,9 +90,13 @@ pub fn sublayer(
     Ok((x.apply_op3(&h, &y, post)?, h))
 }
 
-/// What post's and pre's backward leave for the coefficient backward of the same sublayer.
+/// What the chained ops of one sublayer share: the coefficient forward's ext for its backward,
+/// and what post's and pre's backward leave for the coefficient backward.
 #[derive(Default)]
 struct ChainState {
+    /// ext [T, 2k + 1] = [H | P | r] (the chained coefficient op's output is H alone, so its
+    /// gradient arrives as dH [T, k], with no narrow to pad back).
+    ext: Option<Tensor>,
     /// post's dx [T, n, C].
     dx_post: Option<Tensor>,
     /// pre's (du [T, C], H [T, k]): its dx is H_pre[j] du.
@@ -111,7 +112,8 @@ fn lock(chain: &Chain) -> std::sync::MutexGuard<'_, ChainState> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// `CoeffsOp` whose backward also adds the stashed post and pre contributions to dx.
+/// `CoeffsOp` whose output is H [T, k] (ext kept in the chain) and whose backward also adds the
+/// stashed post and pre contributions to dx.
 struct ChainedCoeffsOp {
     op: CoeffsOp,
     chain: Chain,
@@ -144,7 +146,15 @@ impl CustomOp3 for ChainedCoeffsOp {
         alpha_b: &CpuStorage,
         alpha_b_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.op.cpu_fwd(x, x_l, phi, phi_l, alpha_b, alpha_b_l)
+        let (ext, tokens) = self.op.cpu_ext(x, x_l, phi, phi_l, alpha_b, alpha_b_l)?;
+        let k = self.op.shape.k();
+        let h: Vec<f32> = ext
+            .chunks_exact(2 * k + 1)
+            .flat_map(|row| &row[..k])
+            .copied()
+            .collect();
+        lock(&self.chain).ext = Some(Tensor::from_vec(ext, (tokens, 2 * k + 1), &Device::Cpu)?);
+        Ok((CpuStorage::F32(h), Shape::from((tokens, k))))
     }
 
     #[cfg(feature = "cuda")]
@@ -157,7 +167,17 @@ impl CustomOp3 for ChainedCoeffsOp {
         alpha_b: &candle_core::CudaStorage,
         alpha_b_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.op.cuda_fwd(x, x_l, phi, phi_l, alpha_b, alpha_b_l)
+        let shape = &self.op.shape;
+        let coeffs =
+            crate::gpu::mhc::coeffs_forward(shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l)?;
+        let (tokens, k) = (coeffs.tokens, shape.k());
+        lock(&self.chain).ext = Some(Tensor::from_storage(
+            candle_core::Storage::Cuda(coeffs.ext),
+            (tokens, 2 * k + 1),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+        Ok((coeffs.h, Shape::from((tokens, k))))
     }
 
     fn bwd(
@@ -165,12 +185,25 @@ impl CustomOp3 for ChainedCoeffsOp {
         x: &Tensor,
         phi: &Tensor,
         alpha_b: &Tensor,
-        ext: &Tensor,
-        d_ext: &Tensor,
+        _h: &Tensor,
+        dh: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let shape = &self.op.shape;
-        // Taken, not read: a second backward through the same graph stashes afresh.
-        let state = std::mem::take(&mut *lock(&self.chain));
+        // ext is read (it belongs to the forward); the backward's contributions are taken, not
+        // read: a second backward through the same graph stashes afresh.
+        let (ext, state) = {
+            let mut chain = lock(&self.chain);
+            let Some(ext) = chain.ext.clone() else {
+                bail!("mhc-coeffs backward (chained): the forward's ext is missing")
+            };
+            let state = ChainState {
+                ext: None,
+                dx_post: chain.dx_post.take(),
+                pre: chain.pre.take(),
+            };
+            (ext, state)
+        };
+        let ext = &ext;
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && shape.dynamic {
             let tokens = x.dims()[0];
@@ -185,9 +218,8 @@ impl CustomOp3 for ChainedCoeffsOp {
                     Tensor::zeros((tokens, shape.k()), DType::F32, x.device())?,
                 ),
             };
-            let d_ext = d_ext.contiguous()?;
             let (dx, dphi, dalpha_b) = crate::gpu::chain::coeffs_backward_sum(
-                shape, x, phi, alpha_b, ext, &d_ext, &dx_post, &du, &h,
+                shape, x, phi, alpha_b, ext, dh, &dx_post, &du, &h,
             )?;
             return Ok((Some(dx), Some(dphi), Some(dalpha_b)));
         }
@@ -195,11 +227,11 @@ impl CustomOp3 for ChainedCoeffsOp {
         // returned the sublayer's dx; post's is still here only if pre's backward did not run.
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let (_, _, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
+            let (_, _, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, dh)?;
             return Ok((state.dx_post, None, Some(dalpha_b)));
         }
         // CPU: add the contributions in f32 (f64 for f64 storage) and round once.
-        let (dx, dphi, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, d_ext)?;
+        let (dx, dphi, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, dh)?;
         let acc = if x.dtype() == DType::F64 {
             DType::F64
         } else {
@@ -392,6 +424,27 @@ impl CoeffsOp {
         check_dims(op, "alpha_b", alpha_b, &[3 + k])?;
         Ok(tokens)
     }
+
+    /// The CPU forward's ext [T, 2k + 1] and T.
+    fn cpu_ext(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        phi: &CpuStorage,
+        phi_l: &Layout,
+        alpha_b: &CpuStorage,
+        alpha_b_l: &Layout,
+    ) -> Result<(Vec<f32>, usize)> {
+        let op = Self::NAME;
+        let tokens = self.check(x_l.dims(), phi_l.dims(), alpha_b_l.dims())?;
+        let phi = cpu_slice::<f32>(op, "phi", phi, phi_l)?;
+        let alpha_b = cpu_slice::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
+        let ext = dispatch_elem!(op, x.dtype(), E => {
+            let x = cpu_slice::<E>(op, "x", x, x_l)?;
+            cpu::coeffs_forward(&self.shape, tokens, x, phi, alpha_b)
+        });
+        Ok((ext, tokens))
+    }
 }
 
 impl CustomOp3 for CoeffsOp {
@@ -408,14 +461,7 @@ impl CustomOp3 for CoeffsOp {
         alpha_b: &CpuStorage,
         alpha_b_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = Self::NAME;
-        let tokens = self.check(x_l.dims(), phi_l.dims(), alpha_b_l.dims())?;
-        let phi = cpu_slice::<f32>(op, "phi", phi, phi_l)?;
-        let alpha_b = cpu_slice::<f32>(op, "alpha_b", alpha_b, alpha_b_l)?;
-        let ext = dispatch_elem!(op, x.dtype(), E => {
-            let x = cpu_slice::<E>(op, "x", x, x_l)?;
-            cpu::coeffs_forward(&self.shape, tokens, x, phi, alpha_b)
-        });
+        let (ext, tokens) = self.cpu_ext(x, x_l, phi, phi_l, alpha_b, alpha_b_l)?;
         Ok((
             CpuStorage::F32(ext),
             Shape::from((tokens, 2 * self.shape.k() + 1)),
@@ -432,9 +478,13 @@ impl CustomOp3 for CoeffsOp {
         alpha_b: &candle_core::CudaStorage,
         alpha_b_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::gpu::mhc::coeffs_forward(&self.shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l)
+        let coeffs =
+            crate::gpu::mhc::coeffs_forward(&self.shape, x, x_l, phi, phi_l, alpha_b, alpha_b_l)?;
+        let shape = Shape::from((coeffs.tokens, 2 * self.shape.k() + 1));
+        Ok((coeffs.ext, shape))
     }
 
+    /// Only d_ext's H columns carry a gradient (`coeffs` narrows ext to H).
     fn bwd(
         &self,
         x: &Tensor,
@@ -443,27 +493,28 @@ impl CustomOp3 for CoeffsOp {
         ext: &Tensor,
         d_ext: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dphi, dalpha_b) = coeffs_backward(&self.shape, x, phi, alpha_b, ext, d_ext)?;
+        let dh = d_ext.narrow(1, 0, self.shape.k())?;
+        let (dx, dphi, dalpha_b) = coeffs_backward(&self.shape, x, phi, alpha_b, ext, &dh)?;
         Ok((dx, dphi, Some(dalpha_b)))
     }
 }
 
-/// Backward of `CoeffsOp` on x's device: (dx, dphi, dalpha_b); dx and dphi are None in static mode.
-/// Only the first k columns of d_ext (dH) are used: see `cpu::coeffs_backward`.
+/// Backward of `CoeffsOp` on x's device from dh [T, k] = dL/dH (see `cpu::coeffs_backward`):
+/// (dx, dphi, dalpha_b); dx and dphi are None in static mode.
 pub fn coeffs_backward(
     shape: &MhcShape,
     x: &Tensor,
     phi: &Tensor,
     alpha_b: &Tensor,
     ext: &Tensor,
-    d_ext: &Tensor,
+    dh: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
     let op = "mhc-coeffs backward";
-    let d_ext = d_ext.contiguous()?;
+    let dh = dh.contiguous()?;
     let tokens = CoeffsOp { shape: *shape }.check(x.dims(), phi.dims(), alpha_b.dims())?;
     let k = shape.k();
     check_dims(op, "ext", ext.dims(), &[tokens, 2 * k + 1])?;
-    check_dims(op, "d_ext", d_ext.dims(), &[tokens, 2 * k + 1])?;
+    check_dims(op, "dh", dh.dims(), &[tokens, k])?;
     match x.device() {
         Device::Cpu => {
             let (phi_s, phi_s_l) = phi.storage_and_layout();
@@ -472,8 +523,8 @@ pub fn coeffs_backward(
             let alpha_b_v = storage_slice::<f32>(op, "alpha_b", &alpha_b_s, alpha_b_s_l)?;
             let (ext_s, ext_s_l) = ext.storage_and_layout();
             let ext_v = storage_slice::<f32>(op, "ext", &ext_s, ext_s_l)?;
-            let (d_ext_s, d_ext_s_l) = d_ext.storage_and_layout();
-            let d_ext_v = storage_slice::<f32>(op, "d_ext", &d_ext_s, d_ext_s_l)?;
+            let (dh_s, dh_s_l) = dh.storage_and_layout();
+            let dh_v = storage_slice::<f32>(op, "dh", &dh_s, dh_s_l)?;
             let dev = Device::Cpu;
             dispatch_elem!(op, x.dtype(), E => {
                 // Static mode never reads x.
@@ -483,14 +534,14 @@ pub fn coeffs_backward(
                 } else {
                     &[]
                 };
-                let g = cpu::coeffs_backward::<E>(shape, x_v, phi_v, alpha_b_v, ext_v, d_ext_v);
+                let g = cpu::coeffs_backward::<E>(shape, x_v, phi_v, alpha_b_v, ext_v, dh_v);
                 let dx = g.dx.map(|v| Tensor::from_vec(v, x.shape(), &dev)).transpose()?;
                 let dphi = g.dphi.map(|v| Tensor::from_vec(v, phi.shape(), &dev)).transpose()?;
                 Ok((dx, dphi, Tensor::from_vec(g.dalpha_b, 3 + k, &dev)?))
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::gpu::mhc::coeffs_backward(shape, x, phi, alpha_b, ext, &d_ext),
+        Device::Cuda(_) => crate::gpu::mhc::coeffs_backward(shape, x, phi, alpha_b, ext, &dh),
         other => bail!("{op}: no implementation for device {:?}", other.location()),
     }
 }
