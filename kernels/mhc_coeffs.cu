@@ -285,10 +285,14 @@ __device__ __forceinline__ SplitBf16 split_bf16(float v) {
     return {hi, mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi))};
 }
 
-// Tensor-core product for bf16 storage: warp w owns tokens 16w .. 16w + 15 and every column, in
-// 16 x 16 accumulator tiles (k padded to KP). x is exact in bf16; phi (f32) is staged as
-// hi = bf16(phi) and lo = bf16(phi - hi), two MMAs per tile, so P carries phi to ~2^-17
-// relative (the FFMA path: ~2^-24 per term; both far inside the spec's bf16 bound).
+// Tensor-core product for bf16 storage, in 16 x 16 accumulator tiles (k padded to KP). x is
+// exact in bf16; phi (f32) is staged as hi = bf16(phi) and lo = bf16(phi - hi), two MMAs per
+// tile, so P carries phi to ~2^-17 relative (the FFMA path: ~2^-24 per term; both far inside the
+// spec's bf16 bound). Warp w owns tokens 32 (w % 2) .. + 31 (two row tiles) and every column,
+// over half of each step's 64 elements of D (16-element slices 2 (w / 2) and 2 (w / 2) + 1):
+// each phi fragment it loads feeds two MMAs. (One row tile per warp over the whole step read
+// 40 KB of shared memory per step and block, the kernel's busiest pipe; this reads 24 KB.) The
+// two halves' sums meet in `store`.
 template <int N> struct MmaProduct {
     static constexpr int K = N * N + 2 * N;
     static constexpr int KP = (K + 15) / 16 * 16;
@@ -301,17 +305,19 @@ template <int N> struct MmaProduct {
     // that are never written out (each output column depends on its own B column only).
     static constexpr int PS = (K + 7) / 8 * 8;
     static constexpr int OUT_STRIDE = KP;
-    static_assert(PROJ_THREADS / 32 * 16 == PROJ_TOKENS, "one warp per 16 tokens");
-    static_assert(XS % 8 == 0 && CHUNK % 16 == 0, "WMMA tiles of the staged x");
+    static_assert(PROJ_THREADS == 4 * 32 && PROJ_TOKENS == 2 * 32, "two row pairs x two halves of D");
+    static_assert(XS % 8 == 0 && CHUNK == 4 * 16, "WMMA tiles of the staged x");
     struct Shared {
         mhc_bf16 phi_hi[(CHUNK + 2) * PS];
         mhc_bf16 phi_lo[(CHUNK + 2) * PS];
     };
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[TILES];
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][TILES];
 
     __device__ void init() {
 #pragma unroll
-        for (int n = 0; n < TILES; ++n) nvcuda::wmma::fill_fragment(acc[n], 0.0f);
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int n = 0; n < TILES; ++n) nvcuda::wmma::fill_fragment(acc[r][n], 0.0f);
     }
     __device__ void stage_phi(Shared& s, int at, float v) {
         const SplitBf16 p = split_bf16(v);
@@ -321,26 +327,54 @@ template <int N> struct MmaProduct {
     __device__ void multiply(const mhc_bf16* __restrict__ xs, const Shared& s) {
         using namespace nvcuda;
         const int warp = threadIdx.x / 32;
-#pragma unroll 1
-        for (int ks = 0; ks < CHUNK / 16; ++ks) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-            wmma::load_matrix_sync(a, xs + 16 * warp * XS + 16 * ks, XS);
+        const mhc_bf16* rows = xs + 32 * (warp % 2) * XS;
+#pragma unroll
+        for (int half_ks = 0; half_ks < 2; ++half_ks) {
+            const int ks = 2 * (warp / 2) + half_ks;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+            wmma::load_matrix_sync(a[0], rows + 16 * ks, XS);
+            wmma::load_matrix_sync(a[1], rows + 16 * XS + 16 * ks, XS);
 #pragma unroll
             for (int n = 0; n < TILES; ++n) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
                 wmma::load_matrix_sync(b, &s.phi_hi[16 * ks * PS + 16 * n], PS);
-                wmma::mma_sync(acc[n], a, b, acc[n]);
+                wmma::mma_sync(acc[0][n], a[0], b, acc[0][n]);
+                wmma::mma_sync(acc[1][n], a[1], b, acc[1][n]);
                 wmma::load_matrix_sync(b, &s.phi_lo[16 * ks * PS + 16 * n], PS);
-                wmma::mma_sync(acc[n], a, b, acc[n]);
+                wmma::mma_sync(acc[0][n], a[0], b, acc[0][n]);
+                wmma::mma_sync(acc[1][n], a[1], b, acc[1][n]);
             }
         }
     }
-    __device__ void store(float* out) const {
+    // The second half's warps store their sums in place; the first half's add theirs to them.
+    // Every thread of the block calls it.
+    __device__ void store(float* out) {
+        using namespace nvcuda;
         const int warp = threadIdx.x / 32;
+        float* tile = out + 32 * (warp % 2) * OUT_STRIDE;
+        if (warp / 2 == 1) {
 #pragma unroll
-        for (int n = 0; n < TILES; ++n)
-            nvcuda::wmma::store_matrix_sync(out + 16 * warp * OUT_STRIDE + 16 * n, acc[n], OUT_STRIDE,
-                                            nvcuda::wmma::mem_row_major);
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int n = 0; n < TILES; ++n)
+                    wmma::store_matrix_sync(tile + 16 * r * OUT_STRIDE + 16 * n, acc[r][n], OUT_STRIDE,
+                                            wmma::mem_row_major);
+        }
+        __syncthreads();
+        if (warp / 2 == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int n = 0; n < TILES; ++n) {
+                    wmma::fragment<wmma::accumulator, 16, 16, 16, float> part;
+                    wmma::load_matrix_sync(part, tile + 16 * r * OUT_STRIDE + 16 * n, OUT_STRIDE,
+                                           wmma::mem_row_major);
+#pragma unroll
+                    for (int i = 0; i < part.num_elements; ++i) acc[r][n].x[i] += part.x[i];
+                    wmma::store_matrix_sync(tile + 16 * r * OUT_STRIDE + 16 * n, acc[r][n], OUT_STRIDE,
+                                            wmma::mem_row_major);
+                }
+        }
     }
 };
 #endif
@@ -498,6 +532,9 @@ __device__ void coeffs_finish(const float* __restrict__ partial, const float* __
     constexpr int RUN = FINISH_TOKENS * ROW;                       // a tile's partial run per slice
     constexpr int PER_THREAD = (RUN + FINISH_THREADS - 1) / FINISH_THREADS;
     constexpr int EXT = 2 * K + 1;
+    // Slices summed per round trip to L2: about 32 loads in flight per thread (16 took 12 us at
+    // T = 1024, C = 2560 on an H200, where the projection writes 40 slices).
+    constexpr int SLICE_UNROLL = PER_THREAD >= 32 ? 1 : 32 / PER_THREAD;
     __shared__ float sums[RUN];
     __shared__ float ext_tile[FINISH_TOKENS * EXT];
     const long long t0 = blockIdx.x * (long long)FINISH_TOKENS;
@@ -506,7 +543,7 @@ __device__ void coeffs_finish(const float* __restrict__ partial, const float* __
     float acc[PER_THREAD];
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) acc[i] = 0.0f;
-#pragma unroll 4
+#pragma unroll SLICE_UNROLL
     for (int s = 0; s < splits; ++s) {
         const float* slice = partial + (s * tokens + t0) * ROW;
 #pragma unroll

@@ -9,9 +9,15 @@
 using namespace mhc;
 
 // Chunks of V elements per thread whose dgamma partial sums stay in registers across the rows a
-// block handles (up to RN_REG_CHUNKS * 256 * V columns: 8192 bf16, 4096 f32); columns past that
-// are added atomically per row.
-constexpr int RN_REG_CHUNKS = 4;
+// block handles (up to RN_REG_CHUNKS * 256 * V columns: 4096 bf16, 2048 f32); columns past that
+// are added to the block's partial row per row.
+constexpr int RN_REG_CHUNKS = 2;
+// Resident blocks per multiprocessor the backward's registers are capped for on NVIDIA: four of
+// up to 256 threads (64 registers). With four chunks and no cap it took 110 registers, three
+// 160-thread blocks per multiprocessor, and its grid (the kernel table's
+// ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR) ran in more than two waves. No hint on AMD (see
+// proj_min_blocks in mhc_coeffs.cu).
+constexpr int RN_BWD_MIN_BLOCKS = MHC_NVIDIA ? 4 : 1;
 
 __device__ __forceinline__ float rn_eps(long long eps_bits) {
     return (float)__longlong_as_double(eps_bits);
@@ -194,8 +200,8 @@ __device__ void dgamma_column_sums(const float* __restrict__ dgamma_partial, flo
         long long eps_bits
 extern "C" __global__ void rms_norm_fwd_f32(RN_FWD_PARAMS(float)) { rms_norm_forward<float>(x, gamma, y, rows, C, eps_bits); }
 extern "C" __global__ void rms_norm_fwd_bf16(RN_FWD_PARAMS(mhc_bf16)) { rms_norm_forward<mhc_bf16>(x, gamma, y, rows, C, eps_bits); }
-extern "C" __global__ void rms_norm_bwd_f32(RN_BWD_PARAMS(float)) { rms_norm_backward<float>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }
-extern "C" __global__ void rms_norm_bwd_bf16(RN_BWD_PARAMS(mhc_bf16)) { rms_norm_backward<mhc_bf16>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }
+extern "C" __global__ void __launch_bounds__(MAX_BLOCK, RN_BWD_MIN_BLOCKS) rms_norm_bwd_f32(RN_BWD_PARAMS(float)) { rms_norm_backward<float>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }
+extern "C" __global__ void __launch_bounds__(MAX_BLOCK, RN_BWD_MIN_BLOCKS) rms_norm_bwd_bf16(RN_BWD_PARAMS(mhc_bf16)) { rms_norm_backward<mhc_bf16>(x, gamma, dy, dx, dgamma_partial, rows, C, eps_bits); }
 extern "C" __global__ void rms_norm_dgamma_sum(const float *dgamma_partial, float *dgamma, long long blocks, long long C) {
     dgamma_column_sums(dgamma_partial, dgamma, blocks, C);
 }

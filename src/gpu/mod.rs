@@ -140,8 +140,9 @@ pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
 /// `Grid::TokenTiles`: tokens per block (mirrors FINISH_TOKENS in kernels/mhc_coeffs.cu).
 pub const FINISH_TOKENS: usize = 16;
-/// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor.
-pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 8;
+/// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor, all resident at once on
+/// NVIDIA (mirrors RN_BWD_MIN_BLOCKS in kernels/rms_norm.cu, whose registers are capped for it).
+pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 4;
 /// `Grid::RowsAccumulate`: rows a block takes at once (mirrors PAIR in kernels/rms_norm.cu); no
 /// more blocks than that fills, as every block's partial row costs as many bytes as a row.
 pub const ACCUMULATE_ROWS_PER_BLOCK: usize = 2;
