@@ -332,13 +332,13 @@ mod with_hip {
         let stat = [
             ptr(DType::F32, false),
             ptr(DType::F32, true),
+            ptr(DType::F32, true),
             KernelArg::I64(7),
             KernelArg::I32(20),
         ];
-        assert_eq!(
-            pack_args(&COEFFS_STATIC, DType::F32, &stat).unwrap().len(),
-            28
-        );
+        let packed = pack_args(&COEFFS_STATIC, DType::F32, &stat).unwrap();
+        assert_eq!(packed.len(), 36);
+        assert_eq!(&packed[32..36], &20i32.to_ne_bytes());
     }
 
     #[test]
