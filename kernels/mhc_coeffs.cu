@@ -833,8 +833,8 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
 // Every tensor the pass reads (x, and for SUM dx_post and du) is staged by async copies
 // BWD_X_STAGES - 1 chunks ahead, in dynamic shared memory (bwd_x_shared_bytes: 39 KB for SUM,
 // with the static arrays past the default 48 KB). On an H200 at T = 16384, C = 1280 the SUM pass
-// takes 338 us (433 in the FFMA form): still bound by instructions (staging, epilogue) rather
-// than by its ~550 MB of DRAM traffic.
+// takes 328 us (433 in the FFMA form): bound by its shared-memory pipe (L1/TEX 71% busy) and
+// latency at 24 warps per SM, rather than by its ~550 MB of DRAM traffic.
 template <int N> struct MmaBwdX {
     static constexpr int K = N * N + 2 * N;
     static constexpr int KT = (K + 15) / 16;  // 16-wide k tiles
@@ -971,9 +971,13 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         if (s < chunks) issue(s);
         mhc_copy_commit();
     }
-    // The lane's share of the warp's 16 x 16 dx tile in the epilogue: row lane / 2, 8 columns,
-    // and (SUM, C % 8 == 0) their one stream.
-    const int row = lane / 2, c8 = 8 * (lane % 2);
+    // The lane's share of the warp's 16 x 16 dx tile in the epilogue: row lane % 16, 8 columns,
+    // and (SUM, C % 8 == 0) their one stream. Each 8-lane phase of a 16-byte access then reads
+    // one half of 8 rows, which the row strides (LDX: 4 banks apart, LDT: 20 words) put in 8
+    // distinct bank groups; two halves of 4 rows per phase (lane / 2) hit each group twice (ncu
+    // counted 35% of the pass's shared-memory load wavefronts as excess; on an H200 this map
+    // took the pass from 335 to 328 us at T = 16384, C = 1280).
+    const int row = lane % 16, c8 = 8 * (lane / 16);
     const long long e0 = e_warp + c8;
     const int group_stream = SUM && C % 8 == 0 ? (int)((e0 < D ? e0 : D - 1) / C) : 0;
     for (int chunk = 0; chunk < chunks; ++chunk) {
