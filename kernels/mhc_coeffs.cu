@@ -696,10 +696,10 @@ constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
 
 template <typename T, int N, bool SUM>
 __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __restrict__ phi,
-                                  const float* __restrict__ dp, const T* __restrict__ dx_post,
-                                  const T* __restrict__ du, const float* __restrict__ h, T* __restrict__ dx,
-                                  float* __restrict__ dphi, long long tokens, long long D, long long C,
-                                  long long tokens_per_split) {
+                                      const float* __restrict__ dp, const T* __restrict__ dx_post,
+                                      const T* __restrict__ du, const float* __restrict__ h, T* __restrict__ dx,
+                                      float* __restrict__ dphi, long long tokens, long long D, long long C,
+                                      long long tokens_per_split) {
     using S = BwdStep<T>;
     constexpr int K = N * N + 2 * N;
     constexpr int KPAD = BwdRow<N>::KPAD;
