@@ -690,9 +690,12 @@ template <typename T> struct BwdStep {
 };
 constexpr int BWD_X_STAGES = 3;
 // Resident blocks per multiprocessor the register budget is set for on NVIDIA (as
-// proj_min_blocks): three (80 registers) for n <= 4, in both forms; no hint for wider n or on AMD.
+// proj_min_blocks), for n <= 4: four (64 registers) in the tensor-core form (bf16), three (80) in
+// the FFMA form (f32), whose n = 4 accumulators spill at 64; no hint for wider n or on AMD.
 // Mirrored by bwd_x_resident_blocks in src/gpu/mod.rs, which fits the grid in one wave of them.
-constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
+constexpr int bwd_x_min_blocks(int n, bool bf16) {
+    return MHC_NVIDIA && n <= 4 ? (bf16 && MHC_TENSOR_CORES ? 4 : 3) : 1;
+}
 
 template <typename T, int N, bool SUM>
 __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __restrict__ phi,
@@ -843,7 +846,6 @@ template <int N> struct MmaBwdX {
     static constexpr int LDX = COLS + 8;     // staged row stride (elements): rows 4 banks apart
     static constexpr int STAGE = TOKC * LDX;  // elements per tensor per stage
     static constexpr int LDP = 16 * KT + 8;  // dP hi/lo row stride
-    static constexpr int LDT = 20;           // f32 tile row stride (a multiple of 4, WMMA's rule)
     static constexpr int COPIES = TOKC * COLS / 8 / THREADS;  // 16-byte copies per thread and tensor
     static_assert(COPIES * THREADS * 8 == TOKC * COLS, "whole copies per thread");
 };
@@ -862,7 +864,7 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     using Pack8 = Pack<bf16, 8>;
     constexpr int K = M::K, KT = M::KT, KPAD = BwdRow<N>::KPAD;
     constexpr int THREADS = M::THREADS, COLS = M::COLS, TOKC = M::TOKC;
-    constexpr int LDX = M::LDX, STAGE = M::STAGE, LDP = M::LDP, LDT = M::LDT;
+    constexpr int LDX = M::LDX, STAGE = M::STAGE, LDP = M::LDP;
     constexpr int STAGES = BWD_X_STAGES;
     static_assert(TOKC * KPAD / 4 <= THREADS && TOKC * N <= THREADS, "one dp/H_pre copy per thread");
     // [STAGES][STAGE] each: x, then for SUM dx_post and du.
@@ -874,16 +876,17 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     __shared__ float s_hpre[STAGES][SUM ? TOKC * N : 1];
     __shared__ __align__(32) bf16 s_dp_hi[TOKC * LDP];
     __shared__ __align__(32) bf16 s_dp_lo[TOKC * LDP];
-    __shared__ __align__(32) float s_tile[M::WARPS][16 * LDT];  // one 16 x 16 f32 tile per warp
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const long long e_base = blockIdx.x * (long long)COLS;
     const int col = 16 * warp;  // the warp's tile: columns col .. col + 15 of the block's slice
     const long long e_warp = e_base + col;
 
-    // phi's fragments (hi, lo) for the warp's columns, built in the warp's tile.
+    // phi's fragments (hi, lo) for the warp's columns, built in the x stages (1 KB per warp)
+    // before the first copies land there.
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> phi_hi[KT], phi_lo[KT];
-    bf16* scratch = reinterpret_cast<bf16*>(s_tile[warp]);
+    bf16* scratch = s_x + 512 * warp;
+    static_assert(512 * M::WARPS <= STAGES * STAGE, "the phi scratch fits the x stages");
 #pragma unroll
     for (int ks = 0; ks < KT; ++ks) {
         for (int i = lane; i < 256; i += 32) {  // B(k, column) at column * 16 + k
@@ -898,6 +901,7 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         wmma::load_matrix_sync(phi_lo[ks], scratch + 256, 16);
         __syncwarp();
     }
+    __syncthreads();  // every warp's fragments are loaded before the copies overwrite the scratch
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_dphi[KT];
 #pragma unroll
     for (int nt = 0; nt < KT; ++nt) wmma::fill_fragment(acc_dphi[nt], 0.0f);
@@ -971,15 +975,22 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         if (s < chunks) issue(s);
         mhc_copy_commit();
     }
-    // The lane's share of the warp's 16 x 16 dx tile in the epilogue: row lane % 16, 8 columns,
-    // and (SUM, C % 8 == 0) their one stream. Each 8-lane phase of a 16-byte access then reads
-    // one half of 8 rows, which the row strides (LDX: 4 banks apart, LDT: 20 words) put in 8
-    // distinct bank groups; two halves of 4 rows per phase (lane / 2) hit each group twice (ncu
-    // counted 35% of the pass's shared-memory load wavefronts as excess; on an H200 this map
-    // took the pass from 335 to 328 us at T = 16384, C = 1280).
-    const int row = lane % 16, c8 = 8 * (lane / 16);
-    const long long e0 = e_warp + c8;
-    const int group_stream = SUM && C % 8 == 0 ? (int)((e0 < D ? e0 : D - 1) / C) : 0;
+    // The lane's share of a 16 x 16 f32 accumulator tile: element i of the fragment sits at row
+    // g + 8 ((i / 2) % 2), column 2 q + i % 2 + 8 (i / 4), with g = lane / 4, q = lane % 4. (WMMA
+    // leaves this unspecified; it is how nvcc lays m16n16k16 out on sm_80 and later, as two
+    // mma.m16n8k16 whose C fragments the PTX ISA documents. The epilogue and the dphi sums read
+    // the fragments in place, so a GPU that mapped them otherwise fails selftest's dx and dphi.)
+    // So the lane owns 4 pairs of adjacent columns: pair p at row g + 8 (p % 2), columns
+    // 2 q + 8 (p / 2) + {0, 1}, and (SUM, C % 8 == 0) each 8-column half of the tile is one stream.
+    // Its 4-byte shared accesses hit 32 distinct banks per warp (rows LDX / 2 = 68 words apart).
+    // (Through a staged f32 tile instead, the pass took 328 us at T = 16384, C = 1280 on an H200.)
+    const int g = lane / 4, q2 = 2 * (lane % 4);
+    int half_stream[2] = {0, 0};
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const long long e = e_warp + 8 * hf;
+        half_stream[hf] = SUM && C % 8 == 0 ? (int)((e < D ? e : D - 1) / C) : 0;
+    }
     for (int chunk = 0; chunk < chunks; ++chunk) {
         mhc_copy_wait<STAGES - 2>();  // this thread's copies of this chunk have landed
         __syncthreads();  // everyone's have; everyone is done with the previous chunk
@@ -1021,69 +1032,61 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
             }
         }
         // dx tile: dP phi^T.
-        {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
-            for (int ks = 0; ks < KT; ++ks) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_hi, a_lo;
-                wmma::load_matrix_sync(a_hi, s_dp_hi + 16 * ks, LDP);
-                wmma::load_matrix_sync(a_lo, s_dp_lo + 16 * ks, LDP);
-                wmma::mma_sync(acc, a_hi, phi_hi[ks], acc);
-                wmma::mma_sync(acc, a_hi, phi_lo[ks], acc);
-                wmma::mma_sync(acc, a_lo, phi_hi[ks], acc);
-            }
-            wmma::store_matrix_sync(s_tile[warp], acc, LDT, wmma::mem_row_major);
+        for (int ks = 0; ks < KT; ++ks) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_hi, a_lo;
+            wmma::load_matrix_sync(a_hi, s_dp_hi + 16 * ks, LDP);
+            wmma::load_matrix_sync(a_lo, s_dp_lo + 16 * ks, LDP);
+            wmma::mma_sync(acc, a_hi, phi_hi[ks], acc);
+            wmma::mma_sync(acc, a_hi, phi_lo[ks], acc);
+            wmma::mma_sync(acc, a_lo, phi_hi[ks], acc);
         }
-        __syncwarp();
-        // Epilogue: dx = tile + coef x (+ dx_post + H_pre du), one row of 8 columns per lane,
-        // written over the staged x it read (no other warp reads these columns), in bf16.
-        {
-            const int at = st * STAGE + row * LDX + col + c8;
-            const float coef = s_dp[st][row * KPAD + K];
-            const Pack8 xv = *reinterpret_cast<const Pack8*>(s_x + at);
-            const float4 lo4 = *reinterpret_cast<const float4*>(&s_tile[warp][row * LDT + c8]);
-            const float4 hi4 = *reinterpret_cast<const float4*>(&s_tile[warp][row * LDT + c8 + 4]);
-            float v[8] = {lo4.x, lo4.y, lo4.z, lo4.w, hi4.x, hi4.y, hi4.z, hi4.w};
+        __syncwarp();  // the warp's x^T fragment is read before the epilogue writes over it
+        // Epilogue: dx = tile + coef x (+ dx_post + H_pre du), pair by pair of the lane's
+        // fragment, written over the staged x it read (no other warp reads these columns), in bf16.
 #pragma unroll
-            for (int q = 0; q < 8; ++q) v[q] += coef * mhc_bf16_to_f32(xv.v[q]);
+        for (int p = 0; p < 4; ++p) {
+            const int r = g + 8 * (p % 2), c = q2 + 8 * (p / 2);
+            const int at = st * STAGE + r * LDX + col + c;
+            const float coef = s_dp[st][r * KPAD + K];
+            const Pack<bf16, 2> xv = *reinterpret_cast<const Pack<bf16, 2>*>(s_x + at);
+            float v[2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u) v[u] = acc.x[2 * p + u] + coef * mhc_bf16_to_f32(xv.v[u]);
             if (SUM) {
-                const Pack8 post = *reinterpret_cast<const Pack8*>(s_post + at);
-                const Pack8 dus = *reinterpret_cast<const Pack8*>(s_du + at);
-                if (C % 8 == 0) {  // the 8 columns lie in one stream
-                    const float hp = s_hpre[st][row * N + group_stream];
+                const Pack<bf16, 2> post = *reinterpret_cast<const Pack<bf16, 2>*>(s_post + at);
+                const Pack<bf16, 2> dus = *reinterpret_cast<const Pack<bf16, 2>*>(s_du + at);
 #pragma unroll
-                    for (int q = 0; q < 8; ++q) v[q] += mhc_bf16_to_f32(post.v[q]) + hp * mhc_bf16_to_f32(dus.v[q]);
-                } else {
-#pragma unroll
-                    for (int q = 0; q < 8; ++q) {
-                        const long long e = e0 + q < D ? e0 + q : D - 1;
-                        v[q] += mhc_bf16_to_f32(post.v[q]) + s_hpre[st][row * N + (int)(e / C)] * mhc_bf16_to_f32(dus.v[q]);
+                for (int u = 0; u < 2; ++u) {
+                    int stream = half_stream[p / 2];
+                    if (C % 8 != 0) {
+                        const long long e = e_warp + c + u;
+                        stream = (int)((e < D ? e : D - 1) / C);
                     }
+                    v[u] += mhc_bf16_to_f32(post.v[u]) + s_hpre[st][r * N + stream] * mhc_bf16_to_f32(dus.v[u]);
                 }
             }
-            Pack8 out;
+            Pack<bf16, 2> out;
 #pragma unroll
-            for (int q = 0; q < 8; ++q) out.v[q] = mhc_f32_to_bf16(v[q]);
-            *reinterpret_cast<Pack8*>(s_x + at) = out;
+            for (int u = 0; u < 2; ++u) out.v[u] = mhc_f32_to_bf16(v[u]);
+            *reinterpret_cast<Pack<bf16, 2>*>(s_x + at) = out;
         }
-        __syncwarp();  // the tile is read before the next chunk stores over it
     }
     mhc_copy_wait<0>();
     if (chunks == 0) return;
     __syncthreads();
     write_out(chunks - 1);
-    // dphi: each accumulator tile through the warp's tile, added to dphi[e, c] for e < D, c < k.
+    // dphi[e, c] += the accumulator tiles, read in place (rows: the warp's columns e of D).
 #pragma unroll
     for (int nt = 0; nt < KT; ++nt) {
-        wmma::store_matrix_sync(s_tile[warp], acc_dphi[nt], LDT, wmma::mem_row_major);
-        __syncwarp();
-        for (int i = lane; i < 256; i += 32) {
-            const long long e = e_warp + i / 16;
-            const int c = 16 * nt + i % 16;
-            if (e < D && c < K) atomicAdd(&dphi[e * K + c], s_tile[warp][(i / 16) * LDT + i % 16]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const long long e = e_warp + g + 8 * ((i / 2) % 2);
+            const int c = 16 * nt + q2 + i % 2 + 8 * (i / 4);
+            if (e < D && c < K) atomicAdd(&dphi[e * K + c], acc_dphi[nt].x[i]);
         }
-        __syncwarp();
     }
 }
 #endif
@@ -1129,62 +1132,62 @@ extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2
 extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2, false)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2, false)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_bf16_n2(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2, true)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2, true)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3, false)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3, false)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_bf16_n3(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3, true)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3, true)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4, false)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4, false)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_bf16_n4(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4, true)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4, true)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5, false)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5, false)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_bf16_n5(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5, true)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5, true)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6, false)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6, false)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_bf16_n6(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6, true)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6, true)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7, false)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7, false)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_bf16_n7(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7, true)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7, true)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
 extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8, false)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8, false)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_bf16_n8(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8, true)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8, true)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }

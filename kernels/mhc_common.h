@@ -51,6 +51,20 @@ __device__ __forceinline__ void load_row(const T* __restrict__ row, long long c0
     }
 }
 
+// Elements [c0, c0 + V) of a row of length C in the storage dtype (zeros past C); VEC as in
+// load_row, but a template argument, for callers that issue several rows' loads back to back.
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* __restrict__ row, long long c0, long long C) {
+    if constexpr (VEC) {
+        return *reinterpret_cast<const Pack<T, V>*>(row + c0);
+    } else {
+        Pack<T, V> pk;
+#pragma unroll
+        for (int q = 0; q < V; ++q) pk.v[q] = c0 + q < C ? row[c0 + q] : from_f32<T>(0.0f);
+        return pk;
+    }
+}
+
 // Writes elements [c0, c0 + V) of a row of length C (those below C).
 template <typename T, int V>
 __device__ __forceinline__ void store_row(T* __restrict__ row, long long c0, long long C, bool vec,

@@ -44,6 +44,57 @@ __device__ void post_forward(const T* __restrict__ x, const float* __restrict__ 
     }
 }
 
+// One chunk of V elements of one token in the backward: reads g (n rows), y and x (n rows) into
+// registers before any arithmetic, so all 2n + 1 loads are in flight at once (VEC is the
+// launch-uniform vector test as a template argument: branching on it per row put every row's
+// load in its own basic block, behind the previous row's arithmetic and stores, and the kernel
+// waited on up to six memory round trips per token). Writes dy and dx_j, adds to dot.
+template <typename T, int N, int V, bool VEC>
+__device__ __forceinline__ void post_backward_chunk(const T* __restrict__ x, const T* __restrict__ y,
+                                                    const T* __restrict__ g, T* __restrict__ dx,
+                                                    T* __restrict__ dy, long long t, long long c0, long long C,
+                                                    const float (&w_post)[N], const float (&w_res)[N * N],
+                                                    float (&dot)[N + N * N]) {
+    // Held in the storage dtype until used (as f32 arrays they took 184 registers at n = 4).
+    Pack<T, V> gp[N], yp, xp[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) gp[i] = load_pack<T, V, VEC>(g + (t * N + i) * C, c0, C);
+    yp = load_pack<T, V, VEC>(y + t * C, c0, C);
+#pragma unroll
+    for (int j = 0; j < N; ++j) xp[j] = load_pack<T, V, VEC>(x + (t * N + j) * C, c0, C);
+    {
+        float d[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) d[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+#pragma unroll
+            for (int q = 0; q < V; ++q) {
+                const float gv = to_f32(gp[i].v[q]);
+                d[q] += w_post[i] * gv;
+                dot[i] += gv * to_f32(yp.v[q]);
+            }
+        }
+        store_row<T, V>(dy + t * C, c0, C, VEC, d);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        float d[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) d[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+#pragma unroll
+            for (int q = 0; q < V; ++q) {
+                const float gv = to_f32(gp[i].v[q]);
+                d[q] += w_res[i * N + j] * gv;
+                dot[N + i * N + j] += gv * to_f32(xp[j].v[q]);
+            }
+        }
+        store_row<T, V>(dx + (t * N + j) * C, c0, C, VEC, d);
+    }
+}
+
 // Backward: one block per token (grid-stride over tokens).
 //   dy = sum_i H_post[i] g_i,  dx_j = sum_i H_res[i,j] g_i,
 //   dh[post i] = <g_i, y>,  dh[res i,j] = <g_i, x_j>,  dh[pre] = 0.
@@ -60,47 +111,22 @@ __device__ void post_backward(const T* __restrict__ x, const float* __restrict__
     const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(y, C) && pack_ok<T, V>(g, C) &&
                      pack_ok<T, V>(dx, C) && pack_ok<T, V>(dy, C);
     for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
-        const float* ht = h + t * K;
+        float w_post[N], w_res[N * N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) w_post[i] = h[t * K + N + i];
+#pragma unroll
+        for (int i = 0; i < N * N; ++i) w_res[i] = h[t * K + 2 * N + i];
         float dot[NV];
 #pragma unroll
         for (int i = 0; i < NV; ++i) dot[i] = 0.0f;
         for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
-            const long long c0 = cv * V;
-            float gv[N][V];
-#pragma unroll
-            for (int i = 0; i < N; ++i) load_row<T, V>(g + (t * N + i) * C, c0, C, vec, gv[i]);
-            {
-                float yv[V], d[V];
-                load_row<T, V>(y + t * C, c0, C, vec, yv);
-#pragma unroll
-                for (int q = 0; q < V; ++q) d[q] = 0.0f;
-#pragma unroll
-                for (int i = 0; i < N; ++i) {
-                    const float w = ht[N + i];
-#pragma unroll
-                    for (int q = 0; q < V; ++q) {
-                        d[q] += w * gv[i][q];
-                        dot[i] += gv[i][q] * yv[q];
-                    }
+            if (vec) {
+                post_backward_chunk<T, N, V, true>(x, y, g, dx, dy, t, cv * V, C, w_post, w_res, dot);
+            } else {  // rows not 16-byte aligned (rare shapes): an element at a time
+#pragma unroll 1
+                for (int q = 0; q < V; ++q) {
+                    post_backward_chunk<T, N, 1, false>(x, y, g, dx, dy, t, cv * V + q, C, w_post, w_res, dot);
                 }
-                store_row<T, V>(dy + t * C, c0, C, vec, d);
-            }
-#pragma unroll
-            for (int j = 0; j < N; ++j) {
-                float xv[V], d[V];
-                load_row<T, V>(x + (t * N + j) * C, c0, C, vec, xv);
-#pragma unroll
-                for (int q = 0; q < V; ++q) d[q] = 0.0f;
-#pragma unroll
-                for (int i = 0; i < N; ++i) {
-                    const float w = ht[2 * N + i * N + j];
-#pragma unroll
-                    for (int q = 0; q < V; ++q) {
-                        d[q] += w * gv[i][q];
-                        dot[N + i * N + j] += gv[i][q] * xv[q];
-                    }
-                }
-                store_row<T, V>(dx + (t * N + j) * C, c0, C, vec, d);
             }
         }
         const float* totals = block_sum<NV>(dot, scratch);
