@@ -250,6 +250,7 @@ template <typename T, int N> struct FmaProduct {
             for (int j = 0; j < KC; ++j) acc[i][j] = 0.0f;
     }
     __device__ void stage_phi(Shared& s, int at, float v) { s.phi[at] = v; }
+    __device__ void stage_phi4(Shared& s, int at, float4 v) { *reinterpret_cast<float4*>(&s.phi[at]) = v; }
     __device__ void multiply(const T* __restrict__ xs, const Shared& s) {
         const int q = threadIdx.x % 16, g = threadIdx.x / 16;
 #pragma unroll 4
@@ -323,6 +324,18 @@ template <int N> struct MmaProduct {
         const SplitBf16 p = split_bf16(v);
         s.phi_hi[at] = p.hi;
         s.phi_lo[at] = p.lo;
+    }
+    __device__ void stage_phi4(Shared& s, int at, float4 v) {
+        const float f[4] = {v.x, v.y, v.z, v.w};
+        Pack<mhc_bf16, 4> hi, lo;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const SplitBf16 p = split_bf16(f[u]);
+            hi.v[u] = p.hi;
+            lo.v[u] = p.lo;
+        }
+        *reinterpret_cast<Pack<mhc_bf16, 4>*>(&s.phi_hi[at]) = hi;
+        *reinterpret_cast<Pack<mhc_bf16, 4>*>(&s.phi_lo[at]) = lo;
     }
     __device__ void multiply(const mhc_bf16* __restrict__ xs, const Shared& s) {
         using namespace nvcuda;
@@ -415,10 +428,35 @@ __device__ __forceinline__ void copy_x_step(T* __restrict__ stage, const T* __re
 }
 
 // The matching phi rows e0 .. e0 + CHUNK: one contiguous run of CHUNK * k floats (zero past
-// e_end), element idx = threadIdx.x + i * PROJ_THREADS of the run in pf[i].
+// e_end), in float4s: float4 idx = threadIdx.x + i * PROJ_THREADS of the run in pf[i] (k is a
+// multiple of 4 wherever the caller takes this form, so a float4 lies wholly before or past
+// e_end). A run that is not 16-byte aligned (phi an offset view) is read element by element.
 template <int K, int LOADS>
 __device__ __forceinline__ void load_phi_step(const float* __restrict__ phi, long long e0, long long e_end,
-                                              float (&pf)[LOADS]) {
+                                              bool aligned, float4 (&pf)[LOADS]) {
+    const float* run = phi + e0 * K;
+    const long long len = (e_end - e0) * K / 4;
+    if (aligned) {
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i) {
+            const int idx = threadIdx.x + PROJ_THREADS * i;
+            pf[i] = idx < len ? reinterpret_cast<const float4*>(run)[idx] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i) {
+            const int idx = threadIdx.x + PROJ_THREADS * i;
+            const bool in = idx < len;
+            pf[i] = make_float4(in ? run[4 * idx] : 0.0f, in ? run[4 * idx + 1] : 0.0f, in ? run[4 * idx + 2] : 0.0f,
+                                in ? run[4 * idx + 3] : 0.0f);
+        }
+    }
+}
+// Element-wise form, for k not a multiple of 4 (odd n): element idx = threadIdx.x + i *
+// PROJ_THREADS of the run in pf[i].
+template <int K, int LOADS>
+__device__ __forceinline__ void load_phi_step(const float* __restrict__ phi, long long e0, long long e_end,
+                                              bool, float (&pf)[LOADS]) {
     const float* run = phi + e0 * K;
     const long long len = (e_end - e0) * K;
 #pragma unroll
@@ -436,7 +474,11 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
     constexpr int K = N * N + 2 * N;
     constexpr int CHUNK = S::CHUNK;
     constexpr int PS = Product::PS;
-    constexpr int PHI_LOADS = (CHUNK * K + PROJ_THREADS - 1) / PROJ_THREADS;
+    // phi's run per step in float4s where they divide it evenly among the threads and the staged
+    // rows are unpadded (even n), else element by element.
+    constexpr bool PHI_VEC = PS == K && K % 4 == 0 && CHUNK * K % (4 * PROJ_THREADS) == 0;
+    constexpr int PHI_LOADS = PHI_VEC ? CHUNK * K / 4 / PROJ_THREADS : (CHUNK * K + PROJ_THREADS - 1) / PROJ_THREADS;
+    using PhiLoad = typename Select<PHI_VEC, float4, float>::type;
     // The x stages, then (after the last step) the product's result in the same bytes.
     __shared__ __align__(128) T xs[PROJ_STAGES * S::STAGE];
     static_assert(sizeof(xs) >= PROJ_TOKENS * Product::OUT_STRIDE * sizeof(float), "result fits the stages");
@@ -458,8 +500,9 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
         if (s < steps) copy_x_step(xs + s * S::STAGE, x, t0, tokens, D, e_begin + s * CHUNK, e_end, vec);
         mhc_copy_commit();
     }
-    float pf[PHI_LOADS];
-    load_phi_step<K>(phi, e_begin, e_end, pf);
+    const bool phi_aligned = ((unsigned long long)phi) % 16 == 0;
+    PhiLoad pf[PHI_LOADS];
+    load_phi_step<K>(phi, e_begin, e_end, phi_aligned, pf);
     for (int step = 0; step < steps; ++step) {
         const long long e0 = e_begin + (long long)step * CHUNK;
         mhc_copy_wait<PROJ_STAGES - 2>();  // this thread's copies of this step have landed
@@ -484,10 +527,14 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
 #pragma unroll
         for (int i = 0; i < PHI_LOADS; ++i) {
             const int idx = threadIdx.x + PROJ_THREADS * i;
-            if (idx < CHUNK * K) product.stage_phi(staged, PS == K ? idx : idx / K * PS + idx % K, pf[i]);
+            if constexpr (PHI_VEC) {
+                product.stage_phi4(staged, 4 * idx, pf[i]);
+            } else if (idx < CHUNK * K) {
+                product.stage_phi(staged, PS == K ? idx : idx / K * PS + idx % K, pf[i]);
+            }
         }
         __syncthreads();
-        if (step + 1 < steps) load_phi_step<K>(phi, e0 + CHUNK, e_end, pf);
+        if (step + 1 < steps) load_phi_step<K>(phi, e0 + CHUNK, e_end, phi_aligned, pf);
         product.multiply(stage, staged);
     }
     // Row sums of squares: the PROJ_ROW_COPIES lanes that copied a row are neighbours in one wave.

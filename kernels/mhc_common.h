@@ -18,6 +18,14 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ mhc_bf16 from_f32<mhc_bf16>(float v) { return mhc_f32_to_bf16(v); }
 
+// A if B else C, as a type (std::conditional without the host library headers).
+template <bool B, typename A, typename C> struct Select {
+    using type = A;
+};
+template <typename A, typename C> struct Select<false, A, C> {
+    using type = C;
+};
+
 // V consecutive elements moved as one aligned access (16 or 8 bytes).
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
     T v[V];

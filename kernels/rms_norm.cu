@@ -55,22 +55,53 @@ __device__ void rms_norm_forward(const T* __restrict__ x, const float* __restric
     }
 }
 
-// dx of one chunk; adds the chunk's dgamma terms to acc.
-template <typename T, int V>
+// dx of one chunk; adds the chunk's dgamma terms to acc. VEC: the rows' (and gamma's) 16-byte
+// test, as a template argument so the three loads issue back to back (as in rn_pair_sums).
+template <typename T, int V, bool VEC>
 __device__ __forceinline__ void rn_backward_chunk(const T* __restrict__ xr, const T* __restrict__ dyr,
                                                   const float* __restrict__ gamma, T* __restrict__ dxr,
-                                                  long long c0, long long C, bool vec, bool vec_g, float s,
-                                                  float coef, float (&acc)[V]) {
-    float xv[V], g[V], dy[V], d[V];
-    load_row<T, V>(xr, c0, C, vec, xv);
-    load_row<T, V>(dyr, c0, C, vec, dy);
-    load_row<float, V>(gamma, c0, C, vec_g, g);
+                                                  long long c0, long long C, float s, float coef,
+                                                  float (&acc)[V]) {
+    const Pack<T, V> xp = load_pack<T, V, VEC>(xr, c0, C);
+    const Pack<T, V> dyp = load_pack<T, V, VEC>(dyr, c0, C);
+    const Pack<float, V> gp = load_pack<float, V, VEC>(gamma, c0, C);
+    float d[V];
 #pragma unroll
     for (int q = 0; q < V; ++q) {
-        d[q] = s * g[q] * dy[q] - coef * xv[q];
-        acc[q] += dy[q] * xv[q] * s;
+        const float xv = to_f32(xp.v[q]), dy = to_f32(dyp.v[q]);
+        d[q] = s * gp.v[q] * dy - coef * xv;
+        acc[q] += dy * xv * s;
     }
-    store_row<T, V>(dxr, c0, C, vec, d);
+    store_row<T, V>(dxr, c0, C, VEC, d);
+}
+
+// Pass 1 of one chunk over the block's rows r0 + p * stride (p < PAIR; rows past the last read
+// row r0 and add nothing): sums[2p] += x^2, sums[2p + 1] += gamma * dy * x. All 2 PAIR + 1 loads
+// are issued before any arithmetic (a runtime vector test per row put each row's loads behind
+// the previous row's sums: one memory round trip per row).
+template <typename T, int V, int PAIR, bool VEC>
+__device__ __forceinline__ void rn_pair_sums(const T* __restrict__ x, const float* __restrict__ gamma,
+                                             const T* __restrict__ dy, long long r0, long long stride,
+                                             long long rows, long long c0, long long C,
+                                             float (&sums)[2 * PAIR]) {
+    const Pack<float, V> gp = load_pack<float, V, VEC>(gamma, c0, C);
+    Pack<T, V> xp[PAIR], dyp[PAIR];
+#pragma unroll
+    for (int p = 0; p < PAIR; ++p) {
+        const long long r = r0 + p * stride < rows ? r0 + p * stride : r0;
+        xp[p] = load_pack<T, V, VEC>(x + r * C, c0, C);
+        dyp[p] = load_pack<T, V, VEC>(dy + r * C, c0, C);
+    }
+#pragma unroll
+    for (int p = 0; p < PAIR; ++p) {
+        if (r0 + p * stride >= rows) break;
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+            const float xv = to_f32(xp[p].v[q]);
+            sums[2 * p] += xv * xv;
+            sums[2 * p + 1] += gp.v[q] * to_f32(dyp[p].v[q]) * xv;
+        }
+    }
 }
 
 // Backward: grid-stride over rows, a block per pair of rows at a time (rows r and r + gridDim.x:
@@ -92,8 +123,8 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
     __shared__ float scratch[(MAX_WAVES + 1) * 2 * PAIR];
     const float eps = rn_eps(eps_bits);
     const long long chunks = (C + V - 1) / V;
-    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(dy, C) && pack_ok<T, V>(dx, C);
-    const bool vec_g = pack_ok<float, V>(gamma, C);
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(dy, C) && pack_ok<T, V>(dx, C) &&
+                     pack_ok<float, V>(gamma, C);
     float acc[RN_REG_CHUNKS][V];
 #pragma unroll
     for (int m = 0; m < RN_REG_CHUNKS; ++m)
@@ -109,20 +140,12 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
         // sums[2p] = sum x^2, sums[2p + 1] = sum gamma * dy * x of row r0 + p * gridDim.x.
         float sums[2 * PAIR] = {};
         for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
-            float g[V];
-            load_row<float, V>(gamma, cv * V, C, vec_g, g);
-#pragma unroll
-            for (int p = 0; p < PAIR; ++p) {
-                const long long r = r0 + p * (long long)gridDim.x;
-                if (r >= rows) break;
-                float xv[V], d[V];
-                load_row<T, V>(x + r * C, cv * V, C, vec, xv);
-                load_row<T, V>(dy + r * C, cv * V, C, vec, d);
-#pragma unroll
-                for (int q = 0; q < V; ++q) {
-                    sums[2 * p] += xv[q] * xv[q];
-                    sums[2 * p + 1] += g[q] * d[q] * xv[q];
-                }
+            if (vec) {
+                rn_pair_sums<T, V, PAIR, true>(x, gamma, dy, r0, gridDim.x, rows, cv * V, C, sums);
+            } else {  // an element at a time: hoisted, its loads (a register each) would spill
+#pragma unroll 1
+                for (int q = 0; q < V; ++q)
+                    rn_pair_sums<T, 1, PAIR, false>(x, gamma, dy, r0, gridDim.x, rows, cv * V + q, C, sums);
             }
         }
         const float* totals = block_sum<2 * PAIR>(sums, scratch);
@@ -137,15 +160,23 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
 #pragma unroll
             for (int m = 0; m < RN_REG_CHUNKS; ++m) {
                 const long long cv = threadIdx.x + (long long)m * blockDim.x;
-                if (cv < chunks)
-                    rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, acc[m]);
+                if (cv >= chunks) continue;
+                if (vec) {
+                    rn_backward_chunk<T, V, true>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, acc[m]);
+                } else {
+                    rn_backward_chunk<T, V, false>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, acc[m]);
+                }
             }
             for (long long cv = threadIdx.x + (long long)RN_REG_CHUNKS * blockDim.x; cv < chunks;
                  cv += blockDim.x) {
                 float part[V];
 #pragma unroll
                 for (int q = 0; q < V; ++q) part[q] = 0.0f;
-                rn_backward_chunk<T, V>(xr, dyr, gamma, dx + r * C, cv * V, C, vec, vec_g, s, coef, part);
+                if (vec) {
+                    rn_backward_chunk<T, V, true>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, part);
+                } else {
+                    rn_backward_chunk<T, V, false>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, part);
+                }
 #pragma unroll
                 for (int q = 0; q < V; ++q)
                     if (cv * V + q < C) dgamma[cv * V + q] += part[q];
