@@ -275,7 +275,6 @@ template <typename T, int N> struct FmaProduct {
     }
 };
 
-#if MHC_TENSOR_CORES
 // An f32 operand of the tensor-core products as two bf16 parts, v ~ hi + lo to ~2^-16 relative:
 // hi = bf16(v), lo = bf16(v - hi).
 struct SplitBf16 {
@@ -285,6 +284,8 @@ __device__ __forceinline__ SplitBf16 split_bf16(float v) {
     const mhc_bf16 hi = mhc_f32_to_bf16(v);
     return {hi, mhc_f32_to_bf16(v - mhc_bf16_to_f32(hi))};
 }
+
+#if MHC_TENSOR_CORES
 
 // Tensor-core product for bf16 storage, in 16 x 16 accumulator tiles (k padded to KP). x is
 // exact in bf16; phi (f32) is staged as hi = bf16(phi) and lo = bf16(phi - hi), two MMAs per
@@ -620,11 +621,17 @@ __device__ void coeffs_finish(const float* __restrict__ partial, const float* __
     for (int e = threadIdx.x; e < nt * K; e += FINISH_THREADS) h_out[e] = ext_tile[e / K * EXT + e % K];
 }
 
-// Row stride of the per-token backward scratch dp: [dP (k) | coef (1) | zero padding] so rows
-// stay 16-byte aligned for vector reads from shared memory.
+// Rows of the per-token backward scratch dp, in floats, 16-byte aligned for vector copies:
+// - KPAD: [dP (k) | coef (1) | zero padding], f32 (the FFMA pass over x);
+// - SPLIT: the tensor-core pass's operands, dP split as hi = bf16(dP), lo = bf16(dP - hi), each
+//   zero-padded to KT 16-wide k tiles: [hi (16 KT bf16) | lo (16 KT bf16) | coef | 0 0 0] (the
+//   pass stages the rows and loads its fragments from them as they are).
+// Mirrored by bwd_row_len in src/gpu/mod.rs.
 template <int N> struct BwdRow {
     static constexpr int K = N * N + 2 * N;
     static constexpr int KPAD = (K + 1 + 3) / 4 * 4;
+    static constexpr int KT = (K + 15) / 16;
+    static constexpr int SPLIT = 16 * KT + 4;
 };
 
 // Backward, per token (one thread each), from ext and dh [T, k] = dL/dH: activation and Sinkhorn
@@ -632,6 +639,7 @@ template <int N> struct BwdRow {
 //   db_c = dHt_c, dalpha_g = sum_{c in g} dHt_c P_c / r   (summed over the block, atomically added
 //   to dalpha_b, which the caller zeroes), and into dp[t]: dP_c = alpha_g dHt_c / r and
 //   coef = dr / (D r) with dr = -sum_c alpha_g dHt_c P_c / r^2, so dxbar = phi dP^T + coef xbar.
+// dp's rows are BwdRow::SPLIT floats when `split_dp` (the tensor-core pass reads them), else KPAD.
 // `den` is scratch of 2 * iters * n floats per token, laid out [half-step][i][token]. Up to
 // DEN_SHARED_ITERS iterations the block keeps them in shared memory instead ([half-step][i][lane]):
 // the backward walk waits on each half-step's denominators, and from global memory (L2) that wait
@@ -645,9 +653,9 @@ template <int N>
 __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const float* __restrict__ ext,
                                       const float* __restrict__ dh, float* __restrict__ dp,
                                       float* __restrict__ den, float* __restrict__ dalpha_b, long long tokens,
-                                      long long D, int iters) {
+                                      long long D, int iters, int split_dp) {
     constexpr int K = N * N + 2 * N;
-    constexpr int KPAD = BwdRow<N>::KPAD;
+    constexpr int KPAD = BwdRow<N>::KPAD, KT = BwdRow<N>::KT, SPLIT = BwdRow<N>::SPLIT;
     constexpr int NV = 3 + K;
     __shared__ float scratch[(MAX_WAVES + 1) * NV];
     __shared__ float den_shared[den_shared_floats<N>];
@@ -692,20 +700,42 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
         for (int i = 0; i < N; ++i)
 #pragma unroll
             for (int j = 0; j < N; ++j) dht[2 * N + i * N + j] = dm[i][j];
-        float dr = 0.0f;
-        float* dp_row = dp + t * KPAD;
+        float dr = 0.0f, dpv[K];
 #pragma unroll
         for (int c = 0; c < K; ++c) {
             const int g = group_of<N>(c);
             const float a = alpha_b[g];
             part[g] += dht[c] * p[c] * inv_r;
             part[3 + c] = dht[c];
-            dp_row[c] = a * dht[c] * inv_r;
+            dpv[c] = a * dht[c] * inv_r;
             dr -= a * dht[c] * p[c] * inv_r * inv_r;
         }
-        dp_row[K] = dr * inv_r / (float)D;
+        const float coef = dr * inv_r / (float)D;
+        if (split_dp) {
+            float* dp_row = dp + t * SPLIT;
+            Pack<mhc_bf16, 2>* hi = reinterpret_cast<Pack<mhc_bf16, 2>*>(dp_row);
+            Pack<mhc_bf16, 2>* lo = hi + 8 * KT;
 #pragma unroll
-        for (int c = K + 1; c < KPAD; ++c) dp_row[c] = 0.0f;
+            for (int c2 = 0; c2 < 8 * KT; ++c2) {
+                Pack<mhc_bf16, 2> h2, l2;
+#pragma unroll
+                for (int u = 0; u < 2; ++u) {
+                    const SplitBf16 v = split_bf16(2 * c2 + u < K ? dpv[2 * c2 + u] : 0.0f);
+                    h2.v[u] = v.hi;
+                    l2.v[u] = v.lo;
+                }
+                hi[c2] = h2;
+                lo[c2] = l2;
+            }
+            *reinterpret_cast<float4*>(dp_row + 16 * KT) = make_float4(coef, 0.0f, 0.0f, 0.0f);
+        } else {
+            float* dp_row = dp + t * KPAD;
+#pragma unroll
+            for (int c = 0; c < K; ++c) dp_row[c] = dpv[c];
+            dp_row[K] = coef;
+#pragma unroll
+            for (int c = K + 1; c < KPAD; ++c) dp_row[c] = 0.0f;
+        }
     }
     const float* totals = block_sum<NV>(part, scratch);
     for (int i = threadIdx.x; i < NV; i += blockDim.x) atomicAdd(&dalpha_b[i], totals[i]);
@@ -873,14 +903,16 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
 // the registers (k <= 32: n <= 4; wider n keep the FFMA form). Same block (256 threads) and
 // token ranges; each warp owns one 16-column tile, so a block covers COLS = 128 columns of D
 // (bwd_x_block_columns in src/gpu/mod.rs); tokens in chunks of 16.
-// dP is split as hi = bf16(dP), lo = bf16(dP - hi), and phi likewise (once: its fragments stay
-// in registers), so with x exact in bf16 both products carry dP and phi to ~2^-16 relative, as
+// dP comes split as hi = bf16(dP), lo = bf16(dP - hi) (dp's BwdRow::SPLIT rows, written so by
+// the per-token backward: staged as they are, they feed the fragments with no split step and no
+// barrier for it in the chunk loop), and phi is split likewise (once: its fragments stay in
+// registers), so with x exact in bf16 both products carry dP and phi to ~2^-16 relative, as
 // the forward's MmaProduct does (the FFMA form: ~2^-24 per term; both far inside the spec's
 // bf16 bound). Per chunk, for the warp's 16 x 16 tile:
 //   dphi[cols, :] += x[chunk, cols]^T (dP_hi + dP_lo)                      (2 MMAs per k tile)
 //   dx[chunk, cols] = dP_hi phi_hi^T + dP_hi phi_lo^T + dP_lo phi_hi^T    (3 MMAs per k tile)
 //                     + coef x  (+ dx_post + H_pre du for SUM)
-// Every tensor the pass reads (x, and for SUM dx_post and du) is staged by async copies
+// Every tensor the pass reads (x, dp, and for SUM dx_post, du and H_pre) is staged by async copies
 // BWD_X_STAGES - 1 chunks ahead, in dynamic shared memory (bwd_x_shared_bytes: 39 KB for SUM,
 // with the static arrays past the default 48 KB). On an H200 at T = 16384, C = 1280 the SUM pass
 // takes 328 us (433 in the FFMA form): bound by its shared-memory pipe (L1/TEX 71% busy) and
@@ -892,7 +924,6 @@ template <int N> struct MmaBwdX {
     static constexpr int COLS = 16 * WARPS, TOKC = 16;  // a 16-column tile per warp
     static constexpr int LDX = COLS + 8;     // staged row stride (elements): rows 4 banks apart
     static constexpr int STAGE = TOKC * LDX;  // elements per tensor per stage
-    static constexpr int LDP = 16 * KT + 8;  // dP hi/lo row stride
     static constexpr int COPIES = TOKC * COLS / 8 / THREADS;  // 16-byte copies per thread and tensor
     static_assert(COPIES * THREADS * 8 == TOKC * COLS, "whole copies per thread");
 };
@@ -909,20 +940,20 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     using M = MmaBwdX<N>;
     using bf16 = mhc_bf16;
     using Pack8 = Pack<bf16, 8>;
-    constexpr int K = M::K, KT = M::KT, KPAD = BwdRow<N>::KPAD;
+    constexpr int K = M::K, KT = M::KT, ROW = BwdRow<N>::SPLIT;
     constexpr int THREADS = M::THREADS, COLS = M::COLS, TOKC = M::TOKC;
-    constexpr int LDX = M::LDX, STAGE = M::STAGE, LDP = M::LDP;
+    constexpr int LDX = M::LDX, STAGE = M::STAGE;
     constexpr int STAGES = BWD_X_STAGES;
-    static_assert(TOKC * KPAD / 4 <= THREADS && TOKC * N <= THREADS, "one dp/H_pre copy per thread");
+    // The dp rows hold dP hi and lo as bf16 matrices of row stride LDP elements (4 banks apart).
+    constexpr int LDP = 2 * ROW;
+    static_assert(TOKC * ROW / 4 <= THREADS && TOKC * N <= THREADS, "one dp/H_pre copy per thread");
     // [STAGES][STAGE] each: x, then for SUM dx_post and du.
     extern __shared__ __align__(128) unsigned char bwd_x_staged[];
     bf16* s_x = reinterpret_cast<bf16*>(bwd_x_staged);
     bf16* s_post = s_x + STAGES * STAGE;
     bf16* s_du = s_post + STAGES * STAGE;
-    __shared__ __align__(16) float s_dp[STAGES][TOKC * KPAD];
+    __shared__ __align__(32) float s_dp[STAGES][TOKC * ROW];
     __shared__ float s_hpre[STAGES][SUM ? TOKC * N : 1];
-    __shared__ __align__(32) bf16 s_dp_hi[TOKC * LDP];
-    __shared__ __align__(32) bf16 s_dp_lo[TOKC * LDP];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const long long e_base = blockIdx.x * (long long)COLS;
@@ -992,10 +1023,10 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
             stage(s_post + at, dx_post, t, false, valid);
             stage(s_du + at, du, t, true, valid);
         }
-        if (threadIdx.x < TOKC * KPAD / 4) {
-            const int r = threadIdx.x / (KPAD / 4), part = threadIdx.x % (KPAD / 4);
+        if (threadIdx.x < TOKC * ROW / 4) {
+            const int r = threadIdx.x / (ROW / 4), part = threadIdx.x % (ROW / 4);
             const bool row_ok = tc + r < t_end;
-            mhc_copy16_async(&s_dp[st][r * KPAD + part * 4], row_ok ? dp + (tc + r) * KPAD + part * 4 : dp, row_ok);
+            mhc_copy16_async(&s_dp[st][r * ROW + part * 4], row_ok ? dp + (tc + r) * ROW + part * 4 : dp, row_ok);
         }
         if (SUM && threadIdx.x < TOKC * N) {
             const int r = threadIdx.x / N, j = threadIdx.x % N;
@@ -1049,21 +1080,9 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         const int st = chunk % STAGES;
         bf16* xs = s_x + st * STAGE;
 
-        // dP -> hi, lo (columns k .. 16 KT zero): a pair of adjacent columns per thread.
-        static_assert(TOKC * 16 * KT <= 2 * THREADS, "one pair per thread");
-        if (threadIdx.x < TOKC * 8 * KT) {
-            const int r = threadIdx.x / (8 * KT), c = 2 * (threadIdx.x % (8 * KT));
-            Pack<bf16, 2> hi, lo;
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const SplitBf16 p = split_bf16(c + u < K ? s_dp[st][r * KPAD + c + u] : 0.0f);
-                hi.v[u] = p.hi;
-                lo.v[u] = p.lo;
-            }
-            *reinterpret_cast<Pack<bf16, 2>*>(&s_dp_hi[r * LDP + c]) = hi;
-            *reinterpret_cast<Pack<bf16, 2>*>(&s_dp_lo[r * LDP + c]) = lo;
-        }
-        __syncthreads();
+        // The chunk's dP hi and lo, as staged (no split here, and no barrier for one).
+        const bf16* dp_hi = reinterpret_cast<const bf16*>(s_dp[st]);
+        const bf16* dp_lo = dp_hi + 16 * KT;
 
         // dphi: A = x^T (the staged rows read column-major), B = dP.
         {
@@ -1072,9 +1091,9 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
 #pragma unroll
             for (int nt = 0; nt < KT; ++nt) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> d;
-                wmma::load_matrix_sync(d, s_dp_hi + 16 * nt, LDP);
+                wmma::load_matrix_sync(d, dp_hi + 16 * nt, LDP);
                 wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
-                wmma::load_matrix_sync(d, s_dp_lo + 16 * nt, LDP);
+                wmma::load_matrix_sync(d, dp_lo + 16 * nt, LDP);
                 wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
             }
         }
@@ -1084,8 +1103,8 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
 #pragma unroll
         for (int ks = 0; ks < KT; ++ks) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_hi, a_lo;
-            wmma::load_matrix_sync(a_hi, s_dp_hi + 16 * ks, LDP);
-            wmma::load_matrix_sync(a_lo, s_dp_lo + 16 * ks, LDP);
+            wmma::load_matrix_sync(a_hi, dp_hi + 16 * ks, LDP);
+            wmma::load_matrix_sync(a_lo, dp_lo + 16 * ks, LDP);
             wmma::mma_sync(acc, a_hi, phi_hi[ks], acc);
             wmma::mma_sync(acc, a_hi, phi_lo[ks], acc);
             wmma::mma_sync(acc, a_lo, phi_hi[ks], acc);
@@ -1097,7 +1116,7 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         for (int p = 0; p < 4; ++p) {
             const int r = g + 8 * (p % 2), c = q2 + 8 * (p / 2);
             const int at = st * STAGE + r * LDX + col + c;
-            const float coef = s_dp[st][r * KPAD + K];
+            const float coef = s_dp[st][r * ROW + 16 * KT];
             const Pack<bf16, 2> xv = *reinterpret_cast<const Pack<bf16, 2>*>(s_x + at);
             float v[2];
 #pragma unroll
@@ -1168,7 +1187,7 @@ __device__ __forceinline__ void coeffs_backward_x(const T* __restrict__ x, const
         int iters
 #define BWD_TOKEN_PARAMS \
     const float *alpha_b, const float *ext, const float *dh, float *dp, float *den, float *dalpha_b, long long tokens, \
-        long long D, int iters
+        long long D, int iters, int split_dp
 #define BWD_X_PARAMS(T) \
     const T *x, const float *phi, const float *dp, T *dx, float *dphi, long long tokens, long long D, \
         long long tokens_per_split
@@ -1176,7 +1195,7 @@ __device__ __forceinline__ void coeffs_backward_x(const T* __restrict__ x, const
     const T *x, const float *phi, const float *dp, const T *dx_post, const T *du, const float *h, T *dx, \
         float *dphi, long long tokens, long long D, long long C, long long tokens_per_split
 extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
 extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2, false)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1185,7 +1204,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2, true)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2, true)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
 extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3, false)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1194,7 +1213,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3, true)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3, true)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
 extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4, false)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1203,7 +1222,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4, true)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4, true)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
 extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5, false)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1212,7 +1231,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5, true)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5, true)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
 extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6, false)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1221,7 +1240,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6, true)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6, true)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
 extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7, false)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1230,7 +1249,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7, true)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7, true)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
 extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8, false)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }

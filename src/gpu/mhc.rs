@@ -7,9 +7,9 @@
 //! the zeroing of the accumulated dphi / dalpha_b; pre and post 1 each way.
 
 use super::{
-    bwd_row_len, DeviceLimits, Geometry, KernelSpec, Module, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
-    COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH,
-    PRE_BWD_SUM, PRE_FWD,
+    bwd_row_len, bwd_x_on_tensor_cores, DeviceLimits, Geometry, KernelSpec, Module,
+    COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD,
+    POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_BWD_SUM, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
@@ -384,7 +384,9 @@ pub(super) fn coeffs_backward_token(
     let stream = dev.cuda_stream();
 
     let mut dalpha_b = dev.alloc_zeros::<f32>(3 + k)?;
-    let row = bwd_row_len(n);
+    let limits = limits(dev)?;
+    let row = bwd_row_len(&limits, n, x.dtype());
+    let split_dp = i32::from(bwd_x_on_tensor_cores(&limits, n, x.dtype()));
     let mut dp = alloc_out::<f32>(dev, tokens * row)?;
     let (tokens_i, d_i, iters) = (tokens as i64, d as i64, shape.sinkhorn_iters as i32);
     if tokens > 0 {
@@ -394,11 +396,11 @@ pub(super) fn coeffs_backward_token(
         let func = function(dev, &COEFFS_BWD_TOKEN, x.dtype(), n)?;
         // One thread per token and a long serial Sinkhorn per thread: one-wave blocks spread
         // small T over more multiprocessors.
-        let geometry = COEFFS_BWD_TOKEN.geometry(&limits(dev)?, shape, x.dtype(), tokens);
+        let geometry = COEFFS_BWD_TOKEN.geometry(&limits, shape, x.dtype(), tokens);
         let mut b = stream.launch_builder(&func);
         b.arg(&alpha_b_v).arg(&ext_v).arg(&dh_v);
         b.arg(&mut dp).arg(&mut den).arg(&mut dalpha_b);
-        b.arg(&tokens_i).arg(&d_i).arg(&iters);
+        b.arg(&tokens_i).arg(&d_i).arg(&iters).arg(&split_dp);
         unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
     }
     Ok((dp, tensor(wrap(dev, dalpha_b), 3 + k)))

@@ -474,7 +474,8 @@ pub const COEFFS_FINISH: KernelSpec = KernelSpec {
 };
 
 /// Coefficient backward, per token (one thread each), from ext and dh [T, k] = dL/dH: dp [T,
-/// bwd_row_len(n)], Sinkhorn scratch den [2 * iters * n, T], dalpha_b [3 + k] accumulated.
+/// bwd_row_len], Sinkhorn scratch den [2 * iters * n, T], dalpha_b [3 + k] accumulated.
+/// `split_dp` (1 where the pass over x runs on tensor cores) picks dp's row layout.
 pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_bwd_token",
@@ -490,6 +491,7 @@ pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
         I64("tokens"),
         I64("D"),
         I32("iters"),
+        I32("split_dp"),
     ],
     block: Block::OneWave,
     grid: Grid::ThreadPerToken,
@@ -732,11 +734,17 @@ pub const KERNELS: [KernelSpec; 15] = [
     RMS_NORM_DGAMMA_SUM,
 ];
 
-/// Row length of the per-token backward scratch dp (mirrors `BwdRow::KPAD`): k + 1, rounded up
-/// to a multiple of 4.
-pub fn bwd_row_len(streams: usize) -> usize {
+/// Row length in floats of the per-token backward scratch dp (mirrors `BwdRow` in
+/// kernels/mhc_coeffs.cu): for the tensor-core pass over x, dP split into bf16 hi and lo, each
+/// padded to 16-wide k tiles, then coef and 3 zeros (`BwdRow::SPLIT`); else dP and coef in f32,
+/// k + 1 rounded up to a multiple of 4 (`BwdRow::KPAD`).
+pub fn bwd_row_len(limits: &DeviceLimits, streams: usize, dtype: DType) -> usize {
     let k = streams * streams + 2 * streams;
-    (k + 1).div_ceil(4) * 4
+    if bwd_x_on_tensor_cores(limits, streams, dtype) {
+        16 * k.div_ceil(16) + 4
+    } else {
+        (k + 1).div_ceil(4) * 4
+    }
 }
 
 /// Reduction elements per thread of `mhc_coeffs_bwd_x` (mirrors `EPT` there).

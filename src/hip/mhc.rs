@@ -14,8 +14,9 @@
 use super::rms_norm::RmsNorm;
 use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
 use crate::gpu::{
-    bwd_row_len, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_BWD_X_SUM, COEFFS_FINISH,
-    COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_BWD_SUM, PRE_FWD,
+    bwd_row_len, bwd_x_on_tensor_cores, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
+    COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD,
+    PRE_BWD_DH, PRE_BWD_SUM, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use anyhow::{bail, Result};
@@ -150,7 +151,7 @@ impl CoeffsScratch {
         };
         Ok(Self {
             partial: dev.alloc((slices * tokens * (shape.k() + 1)).max(1))?,
-            dp: dev.alloc_out(tokens * bwd_row_len(shape.streams))?,
+            dp: dev.alloc_out(tokens * bwd_row_len(&dev.limits, shape.streams, T::DTYPE))?,
             den: dev.alloc((2 * shape.sinkhorn_iters * shape.streams * tokens).max(1))?,
         })
     }
@@ -196,7 +197,12 @@ pub fn coeffs_backward<T: DeviceElem>(
     check_len(op, "alpha_b", alpha_b, 3 + k)?;
     check_len(op, "ext", ext, tokens * (2 * k + 1))?;
     check_len(op, "dh", dh, tokens * k)?;
-    check_len(op, "dp", &scratch.dp, tokens * bwd_row_len(n))?;
+    check_len(
+        op,
+        "dp",
+        &scratch.dp,
+        tokens * bwd_row_len(&dev.limits, n, T::DTYPE),
+    )?;
     check_len(op, "dalpha_b", grads.dalpha_b, 3 + k)?;
     if let Some(sum) = &chained {
         check_len(op, "dx_post", sum.dx_post, tokens * d)?;
@@ -204,6 +210,9 @@ pub fn coeffs_backward<T: DeviceElem>(
         check_len(op, "h", sum.h, tokens * k)?;
     }
     let (tokens_i, d_i, iters) = (tokens as i64, d as i64, shape.sinkhorn_iters as i32);
+    // dp's row layout by the launch rule (f32 rows here: the HIP kernels have no tensor-core
+    // pass).
+    let split_dp = i32::from(bwd_x_on_tensor_cores(&dev.limits, n, T::DTYPE));
     grads.dalpha_b.zero()?;
     if tokens > 0 {
         let args = [
@@ -216,6 +225,7 @@ pub fn coeffs_backward<T: DeviceElem>(
             KernelArg::I64(tokens_i),
             KernelArg::I64(d_i),
             KernelArg::I32(iters),
+            KernelArg::I32(split_dp),
         ];
         launch(dev, &COEFFS_BWD_TOKEN, shape, T::DTYPE, tokens, &args)?;
     }
