@@ -23,34 +23,77 @@ __device__ __forceinline__ float rn_eps(long long eps_bits) {
     return (float)__longlong_as_double(eps_bits);
 }
 
-// Forward: one block per row (grid-stride over rows). One read of x (the second pass re-reads the
-// row from L1), one write of y.
+// Forward pass 1 of one chunk over the block's rows r0 + p * stride (p < PAIR; rows past the last
+// read row r0 and add nothing): sq[p] += x^2. The PAIR loads are issued before any arithmetic
+// (VEC, the 16-byte test, as a template argument; as in rn_pair_sums below).
+template <typename T, int V, int PAIR, bool VEC>
+__device__ __forceinline__ void rn_pair_squares(const T* __restrict__ x, long long r0, long long stride,
+                                                long long rows, long long c0, long long C, float (&sq)[PAIR]) {
+    Pack<T, V> xp[PAIR];
+#pragma unroll
+    for (int p = 0; p < PAIR; ++p) {
+        const long long r = r0 + p * stride < rows ? r0 + p * stride : r0;
+        xp[p] = load_pack<T, V, VEC>(x + r * C, c0, C);
+    }
+#pragma unroll
+    for (int p = 0; p < PAIR; ++p) {
+        if (r0 + p * stride >= rows) break;
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+            const float xv = to_f32(xp[p].v[q]);
+            sq[p] += xv * xv;
+        }
+    }
+}
+
+// y of one chunk of a row with scale s.
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ void rn_forward_chunk(const T* __restrict__ xr, const float* __restrict__ gamma,
+                                                 T* __restrict__ yr, long long c0, long long C, float s) {
+    const Pack<T, V> xp = load_pack<T, V, VEC>(xr, c0, C);
+    const Pack<float, V> gp = load_pack<float, V, VEC>(gamma, c0, C);
+    float out[V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) out[q] = to_f32(xp.v[q]) * s * gp.v[q];
+    store_row<T, V>(yr, c0, C, VEC, out);
+}
+
+// Forward: grid-stride over rows, a block per pair of rows at a time (rows r and r + gridDim.x,
+// both rows' loads in flight together; one row at a time, each block waited on one memory round
+// trip per row). One read of x (the second pass re-reads the rows from L1), one write of y.
 template <typename T>
 __device__ void rms_norm_forward(const T* __restrict__ x, const float* __restrict__ gamma, T* __restrict__ y,
                                  long long rows, long long C, long long eps_bits) {
     constexpr int V = 16 / (int)sizeof(T);
-    __shared__ float scratch[MAX_WAVES + 1];
+    constexpr int PAIR = 2;
+    __shared__ float scratch[(MAX_WAVES + 1) * PAIR];
     const float eps = rn_eps(eps_bits);
     const long long chunks = (C + V - 1) / V;
-    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(y, C);
-    const bool vec_g = pack_ok<float, V>(gamma, C);
-    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T* xr = x + r * C;
-        float sq[1] = {0.0f};
+    const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(y, C) && pack_ok<float, V>(gamma, C);
+    for (long long r0 = blockIdx.x; r0 < rows; r0 += PAIR * (long long)gridDim.x) {
+        float sq[PAIR] = {};
         for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
-            float xv[V];
-            load_row<T, V>(xr, cv * V, C, vec, xv);
-#pragma unroll
-            for (int q = 0; q < V; ++q) sq[0] += xv[q] * xv[q];
+            if (vec) {
+                rn_pair_squares<T, V, PAIR, true>(x, r0, gridDim.x, rows, cv * V, C, sq);
+            } else {  // an element at a time (as in the backward)
+#pragma unroll 1
+                for (int q = 0; q < V; ++q)
+                    rn_pair_squares<T, 1, PAIR, false>(x, r0, gridDim.x, rows, cv * V + q, C, sq);
+            }
         }
-        const float s = rsqrtf(block_sum<1>(sq, scratch)[0] / (float)C + eps);
-        for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
-            float xv[V], g[V], out[V];
-            load_row<T, V>(xr, cv * V, C, vec, xv);
-            load_row<float, V>(gamma, cv * V, C, vec_g, g);
+        const float* totals = block_sum<PAIR>(sq, scratch);
 #pragma unroll
-            for (int q = 0; q < V; ++q) out[q] = xv[q] * s * g[q];
-            store_row<T, V>(y + r * C, cv * V, C, vec, out);
+        for (int p = 0; p < PAIR; ++p) {
+            const long long r = r0 + p * (long long)gridDim.x;
+            if (r >= rows) break;
+            const float s = rsqrtf(totals[p] / (float)C + eps);
+            for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
+                if (vec) {
+                    rn_forward_chunk<T, V, true>(x + r * C, gamma, y + r * C, cv * V, C, s);
+                } else {
+                    rn_forward_chunk<T, V, false>(x + r * C, gamma, y + r * C, cv * V, C, s);
+                }
+            }
         }
     }
 }

@@ -318,19 +318,11 @@ fn backward_token_ranges_fill_one_wave() {
                 ranges == 1 || 2 * g.split_len >= BWD_X_TOKEN_CHUNK,
                 "{case}"
             );
-            // One wave of resident blocks (the kernels' register budgets: 4 blocks per
-            // multiprocessor in the tensor-core form, 3 in the FFMA form, 1 for n > 4), and no
-            // room left in it for another range of blocks unless the tokens ran out.
-            let per_multiprocessor = match (tensor_core_form, streams <= 4) {
-                (true, _) => 4,
-                (false, true) => 3,
-                (false, false) => 1,
-            };
-            assert_eq!(
-                bwd_x_resident_blocks(&limits, streams, dtype),
-                per_multiprocessor,
-                "{case}"
-            );
+            // One wave of resident blocks (the kernels' register budgets: 3 blocks per
+            // multiprocessor for n <= 4, 1 above), and no room left in it for another range of
+            // blocks unless the tokens ran out.
+            let per_multiprocessor = if streams <= 4 { 3 } else { 1 };
+            assert_eq!(bwd_x_resident_blocks(streams), per_multiprocessor, "{case}");
             let resident = per_multiprocessor * multiprocessors;
             assert!(ranges == 1 || d_blocks * ranges <= resident, "{case}");
             assert!(

@@ -172,15 +172,13 @@ pub fn bwd_x_on_tensor_cores(limits: &DeviceLimits, streams: usize, dtype: DType
 }
 
 /// `Grid::SplitD`: resident blocks per multiprocessor of the coefficient backward over x
-/// (mirrors `bwd_x_min_blocks` in kernels/mhc_coeffs.cu: four in the tensor-core form, three in
-/// the FFMA form, one for n > 4; on AMD the same numbers are an estimate).
-pub fn bwd_x_resident_blocks(limits: &DeviceLimits, streams: usize, dtype: DType) -> usize {
-    if streams > 4 {
-        1
-    } else if bwd_x_on_tensor_cores(limits, streams, dtype) {
-        4
-    } else {
+/// (mirrors `bwd_x_min_blocks` in kernels/mhc_coeffs.cu; on AMD the same numbers are an
+/// estimate).
+pub fn bwd_x_resident_blocks(streams: usize) -> usize {
+    if streams <= 4 {
         3
+    } else {
+        1
     }
 }
 
@@ -386,8 +384,7 @@ impl KernelSpec {
                 let d = n * shape.width;
                 let columns = bwd_x_block_columns(limits, n, dtype, block);
                 let d_blocks = d.div_ceil(columns).max(1);
-                let resident =
-                    bwd_x_resident_blocks(limits, n, dtype) * limits.multiprocessors.max(1);
+                let resident = bwd_x_resident_blocks(n) * limits.multiprocessors.max(1);
                 let splits =
                     splits_for_one_wave(resident, d_blocks, tokens.div_ceil(BWD_X_TOKEN_CHUNK));
                 let per_split = tokens.div_ceil(splits);
