@@ -5,6 +5,33 @@
 
 using namespace mhc;
 
+// One chunk of V elements of one token in the forward: the n + 1 row loads (x_j, y) are issued
+// before any arithmetic (VEC as in post_backward_chunk below), then x'_i = sum_j H_res[i,j] x_j +
+// H_post[i] y for every stream i.
+template <typename T, int N, int V, bool VEC>
+__device__ __forceinline__ void post_forward_chunk(const T* __restrict__ x, const float* __restrict__ ht,
+                                                   const T* __restrict__ y, T* __restrict__ out, long long t,
+                                                   long long c0, long long C) {
+    Pack<T, V> xp[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) xp[j] = load_pack<T, V, VEC>(x + (t * N + j) * C, c0, C);
+    const Pack<T, V> yp = load_pack<T, V, VEC>(y + t * C, c0, C);
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+        float acc[V];
+        const float wy = ht[N + r];
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] = wy * to_f32(yp.v[q]);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            const float w = ht[2 * N + r * N + j];
+#pragma unroll
+            for (int q = 0; q < V; ++q) acc[q] += w * to_f32(xp[j].v[q]);
+        }
+        store_row<T, V>(out + (t * N + r) * C, c0, C, VEC, acc);
+    }
+}
+
 // Forward: one thread per V-element chunk of one token, all n streams, grid-stride. One read of
 // x and y, one write of x'.
 template <typename T, int N>
@@ -18,29 +45,12 @@ __device__ void post_forward(const T* __restrict__ x, const float* __restrict__ 
          i += (long long)gridDim.x * blockDim.x) {
         const long long t = i / chunks;
         const long long c0 = (i % chunks) * V;
-        const float* ht = h + t * K;
-        float yv[V];
-        load_row<T, V>(y + t * C, c0, C, vec, yv);
-        float acc[N][V];
-#pragma unroll
-        for (int r = 0; r < N; ++r) {
-            const float w = ht[N + r];
-#pragma unroll
-            for (int q = 0; q < V; ++q) acc[r][q] = w * yv[q];
+        if (vec) {
+            post_forward_chunk<T, N, V, true>(x, h + t * K, y, out, t, c0, C);
+        } else {  // rows not 16-byte aligned (rare shapes): an element at a time
+#pragma unroll 1
+            for (int q = 0; q < V; ++q) post_forward_chunk<T, N, 1, false>(x, h + t * K, y, out, t, c0 + q, C);
         }
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-            float xv[V];
-            load_row<T, V>(x + (t * N + j) * C, c0, C, vec, xv);
-#pragma unroll
-            for (int r = 0; r < N; ++r) {
-                const float w = ht[2 * N + r * N + j];
-#pragma unroll
-                for (int q = 0; q < V; ++q) acc[r][q] += w * xv[q];
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < N; ++r) store_row<T, V>(out + (t * N + r) * C, c0, C, vec, acc[r]);
     }
 }
 

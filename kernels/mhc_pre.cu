@@ -40,6 +40,36 @@ enum PreDx {
     PRE_DX_ADD_TO,  // dx = dx_post + H_pre[j] du written: the static chained backward's one dx
 };
 
+// One chunk of V elements of one token in the backward: du, x_j (and dx_post_j when adding to
+// it) loaded before any arithmetic (VEC as a template argument: a runtime test per row put each
+// row's load behind the previous row's work), then dot[j] += <du, x_j> and dx_j as DX says.
+template <typename T, int N, PreDx DX, int V, bool VEC>
+__device__ __forceinline__ void pre_backward_chunk(const T* __restrict__ x, const T* __restrict__ du,
+                                                   const T* __restrict__ dx_post, T* __restrict__ dx, long long t,
+                                                   long long c0, long long C, const float (&w)[N],
+                                                   float (&dot)[N]) {
+    constexpr bool ADD = DX == PRE_DX_ADD_TO;
+    const Pack<T, V> gp = load_pack<T, V, VEC>(du + t * C, c0, C);
+    Pack<T, V> xp[N], pp[ADD ? N : 1];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        xp[j] = load_pack<T, V, VEC>(x + (t * N + j) * C, c0, C);
+        if constexpr (ADD) pp[j] = load_pack<T, V, VEC>(dx_post + (t * N + j) * C, c0, C);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        float d[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+            const float g = to_f32(gp.v[q]);
+            dot[j] += g * to_f32(xp[j].v[q]);
+            d[q] = w[j] * g;
+            if constexpr (ADD) d[q] += to_f32(pp[j].v[q]);
+        }
+        if constexpr (DX != PRE_DX_NONE) store_row<T, V>(dx + (t * N + j) * C, c0, C, VEC, d);
+    }
+}
+
 // Backward: one block per token (grid-stride over tokens). dx_j = H_pre[j] du,
 // dh[pre j] = <du, x_j>, the other dh columns 0. One read of x and du (and of dx_post when
 // adding to it), one write of dx and dh.
@@ -61,26 +91,12 @@ __device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ 
             dot[j] = 0.0f;
         }
         for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
-            const long long c0 = cv * V;
-            float g[V];
-            load_row<T, V>(du + t * C, c0, C, vec, g);
-#pragma unroll
-            for (int j = 0; j < N; ++j) {
-                const long long row = (t * N + j) * C;
-                float xv[V], d[V];
-                load_row<T, V>(x + row, c0, C, vec, xv);
-                if (DX == PRE_DX_ADD_TO) {
-                    load_row<T, V>(dx_post + row, c0, C, vec, d);
-                } else {
-#pragma unroll
-                    for (int q = 0; q < V; ++q) d[q] = 0.0f;
-                }
-#pragma unroll
-                for (int q = 0; q < V; ++q) {
-                    dot[j] += g[q] * xv[q];
-                    d[q] += w[j] * g[q];
-                }
-                if (DX != PRE_DX_NONE) store_row<T, V>(dx + row, c0, C, vec, d);
+            if (vec) {
+                pre_backward_chunk<T, N, DX, V, true>(x, du, dx_post, dx, t, cv * V, C, w, dot);
+            } else {  // rows not 16-byte aligned (rare shapes): an element at a time
+#pragma unroll 1
+                for (int q = 0; q < V; ++q)
+                    pre_backward_chunk<T, N, DX, 1, false>(x, du, dx_post, dx, t, cv * V + q, C, w, dot);
             }
         }
         const float* totals = block_sum<N>(dot, scratch);
