@@ -911,11 +911,11 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
 //   dphi[cols, :] += x[chunk, cols]^T (dP_hi + dP_lo)                      (2 MMAs per k tile)
 //   dx[chunk, cols] = dP_hi phi_hi^T + dP_hi phi_lo^T + dP_lo phi_hi^T    (3 MMAs per k tile)
 //                     + coef x  (+ dx_post + H_pre du for SUM)
-// Every tensor the pass reads (x, dp, and for SUM dx_post, du and H_pre) is staged by async copies
-// BWD_X_STAGES - 1 chunks ahead, in dynamic shared memory (bwd_x_shared_bytes: 39 KB for SUM,
-// with the static arrays past the default 48 KB). On an H200 at T = 16384, C = 1280 the SUM pass
-// takes 328 us (433 in the FFMA form): bound by its shared-memory pipe (L1/TEX 71% busy) and
-// latency at 24 warps per SM, rather than by its ~550 MB of DRAM traffic.
+// Every tensor the pass reads is staged by async copies BWD_X_STAGES - 1 chunks ahead: x, and for
+// SUM dx_post and du, in dynamic shared memory (bwd_x_shared_bytes: 39 KB for SUM, with the
+// static arrays past the default 48 KB), the dp rows and H_pre in static arrays. On an H200 at
+// T = 16384, C = 1280 the SUM pass takes 226 us (the FFMA form 433): bound by instruction issue
+// and its one barrier per chunk (ncu), rather than by its ~550 MB of DRAM traffic.
 template <int N> struct MmaBwdX {
     static constexpr int K = N * N + 2 * N;
     static constexpr int KT = (K + 15) / 16;  // 16-wide k tiles
