@@ -54,6 +54,25 @@ __device__ void post_forward(const T* __restrict__ x, const float* __restrict__ 
     }
 }
 
+// One output row of a backward chunk: d = sum_i w[i * stride] g_i, and dot[i * stride] +=
+// <g_i, v> over the chunk (w and dot point into register arrays: constant offsets once inlined
+// and unrolled).
+template <typename T, int N, int V>
+__device__ __forceinline__ void mix_and_dot(const Pack<T, V> (&gp)[N], const float* w, const Pack<T, V>& v,
+                                            float* dot, int stride, float (&d)[V]) {
+#pragma unroll
+    for (int q = 0; q < V; ++q) d[q] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+            const float gv = to_f32(gp[i].v[q]);
+            d[q] += w[i * stride] * gv;
+            dot[i * stride] += gv * to_f32(v.v[q]);
+        }
+    }
+}
+
 // One chunk of V elements of one token in the backward: reads g (n rows), y and x (n rows) into
 // registers before any arithmetic, so all 2n + 1 loads are in flight at once (VEC is the
 // launch-uniform vector test as a template argument: branching on it per row put every row's
@@ -72,35 +91,14 @@ __device__ __forceinline__ void post_backward_chunk(const T* __restrict__ x, con
     yp = load_pack<T, V, VEC>(y + t * C, c0, C);
 #pragma unroll
     for (int j = 0; j < N; ++j) xp[j] = load_pack<T, V, VEC>(x + (t * N + j) * C, c0, C);
-    {
-        float d[V];
-#pragma unroll
-        for (int q = 0; q < V; ++q) d[q] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-#pragma unroll
-            for (int q = 0; q < V; ++q) {
-                const float gv = to_f32(gp[i].v[q]);
-                d[q] += w_post[i] * gv;
-                dot[i] += gv * to_f32(yp.v[q]);
-            }
-        }
-        store_row<T, V>(dy + t * C, c0, C, VEC, d);
-    }
+    // dy = sum_i H_post[i] g_i with dot[i] += <g_i, y>; dx_j = sum_i H_res[i,j] g_i with
+    // dot[N + i*N + j] += <g_i, x_j>.
+    float d[V];
+    mix_and_dot<T, N, V>(gp, w_post, yp, dot, 1, d);
+    store_row<T, V>(dy + t * C, c0, C, VEC, d);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-        float d[V];
-#pragma unroll
-        for (int q = 0; q < V; ++q) d[q] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-#pragma unroll
-            for (int q = 0; q < V; ++q) {
-                const float gv = to_f32(gp[i].v[q]);
-                d[q] += w_res[i * N + j] * gv;
-                dot[N + i * N + j] += gv * to_f32(xp[j].v[q]);
-            }
-        }
+        mix_and_dot<T, N, V>(gp, w_res + j, xp[j], dot + N + j, N, d);
         store_row<T, V>(dx + (t * N + j) * C, c0, C, VEC, d);
     }
 }

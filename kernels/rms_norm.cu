@@ -23,17 +23,25 @@ __device__ __forceinline__ float rn_eps(long long eps_bits) {
     return (float)__longlong_as_double(eps_bits);
 }
 
-// Forward pass 1 of one chunk over the block's rows r0 + p * stride (p < PAIR; rows past the last
-// read row r0 and add nothing): sq[p] += x^2. The PAIR loads are issued before any arithmetic
-// (VEC, the 16-byte test, as a template argument; as in rn_pair_sums below).
-template <typename T, int V, int PAIR, bool VEC>
-__device__ __forceinline__ void rn_pair_squares(const T* __restrict__ x, long long r0, long long stride,
-                                                long long rows, long long c0, long long C, float (&sq)[PAIR]) {
-    Pack<T, V> xp[PAIR];
+// Pass 1 of one chunk over the block's rows r0 + p * stride (p < PAIR; rows past the last read
+// row r0 and add nothing), S sums per row: sums[S p] += x^2 and, for the backward (S = 2),
+// sums[S p + 1] += gamma * dy * x. All loads are issued before any arithmetic (a runtime vector
+// test per row put each row's loads behind the previous row's sums: one memory round trip per
+// row), VEC being that test as a template argument.
+template <typename T, int V, int PAIR, int S, bool VEC>
+__device__ __forceinline__ void rn_pair_sums(const T* __restrict__ x, const float* __restrict__ gamma,
+                                             const T* __restrict__ dy, long long r0, long long stride,
+                                             long long rows, long long c0, long long C,
+                                             float (&sums)[S * PAIR]) {
+    constexpr bool GRAD = S == 2;
+    Pack<float, V> gp;
+    if constexpr (GRAD) gp = load_pack<float, V, VEC>(gamma, c0, C);
+    Pack<T, V> xp[PAIR], dyp[GRAD ? PAIR : 1];
 #pragma unroll
     for (int p = 0; p < PAIR; ++p) {
         const long long r = r0 + p * stride < rows ? r0 + p * stride : r0;
         xp[p] = load_pack<T, V, VEC>(x + r * C, c0, C);
+        if constexpr (GRAD) dyp[p] = load_pack<T, V, VEC>(dy + r * C, c0, C);
     }
 #pragma unroll
     for (int p = 0; p < PAIR; ++p) {
@@ -41,7 +49,8 @@ __device__ __forceinline__ void rn_pair_squares(const T* __restrict__ x, long lo
 #pragma unroll
         for (int q = 0; q < V; ++q) {
             const float xv = to_f32(xp[p].v[q]);
-            sq[p] += xv * xv;
+            sums[S * p] += xv * xv;
+            if constexpr (GRAD) sums[S * p + 1] += gp.v[q] * to_f32(dyp[p].v[q]) * xv;
         }
     }
 }
@@ -74,11 +83,11 @@ __device__ void rms_norm_forward(const T* __restrict__ x, const float* __restric
         float sq[PAIR] = {};
         for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
             if (vec) {
-                rn_pair_squares<T, V, PAIR, true>(x, r0, gridDim.x, rows, cv * V, C, sq);
+                rn_pair_sums<T, V, PAIR, 1, true>(x, nullptr, nullptr, r0, gridDim.x, rows, cv * V, C, sq);
             } else {  // an element at a time (as in the backward)
 #pragma unroll 1
                 for (int q = 0; q < V; ++q)
-                    rn_pair_squares<T, 1, PAIR, false>(x, r0, gridDim.x, rows, cv * V + q, C, sq);
+                    rn_pair_sums<T, 1, PAIR, 1, false>(x, nullptr, nullptr, r0, gridDim.x, rows, cv * V + q, C, sq);
             }
         }
         const float* totals = block_sum<PAIR>(sq, scratch);
@@ -118,35 +127,6 @@ __device__ __forceinline__ void rn_backward_chunk(const T* __restrict__ xr, cons
     store_row<T, V>(dxr, c0, C, VEC, d);
 }
 
-// Pass 1 of one chunk over the block's rows r0 + p * stride (p < PAIR; rows past the last read
-// row r0 and add nothing): sums[2p] += x^2, sums[2p + 1] += gamma * dy * x. All 2 PAIR + 1 loads
-// are issued before any arithmetic (a runtime vector test per row put each row's loads behind
-// the previous row's sums: one memory round trip per row).
-template <typename T, int V, int PAIR, bool VEC>
-__device__ __forceinline__ void rn_pair_sums(const T* __restrict__ x, const float* __restrict__ gamma,
-                                             const T* __restrict__ dy, long long r0, long long stride,
-                                             long long rows, long long c0, long long C,
-                                             float (&sums)[2 * PAIR]) {
-    const Pack<float, V> gp = load_pack<float, V, VEC>(gamma, c0, C);
-    Pack<T, V> xp[PAIR], dyp[PAIR];
-#pragma unroll
-    for (int p = 0; p < PAIR; ++p) {
-        const long long r = r0 + p * stride < rows ? r0 + p * stride : r0;
-        xp[p] = load_pack<T, V, VEC>(x + r * C, c0, C);
-        dyp[p] = load_pack<T, V, VEC>(dy + r * C, c0, C);
-    }
-#pragma unroll
-    for (int p = 0; p < PAIR; ++p) {
-        if (r0 + p * stride >= rows) break;
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-            const float xv = to_f32(xp[p].v[q]);
-            sums[2 * p] += xv * xv;
-            sums[2 * p + 1] += gp.v[q] * to_f32(dyp[p].v[q]) * xv;
-        }
-    }
-}
-
 // Backward: grid-stride over rows, a block per pair of rows at a time (rows r and r + gridDim.x:
 // the loads of both are in flight together; one row at a time left the kernel waiting on memory
 // at 37% of copy bandwidth). Pass 1 sums x^2 and gamma*dy*x over both rows, pass 2 (L1 re-reads)
@@ -184,11 +164,11 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
         float sums[2 * PAIR] = {};
         for (long long cv = threadIdx.x; cv < chunks; cv += blockDim.x) {
             if (vec) {
-                rn_pair_sums<T, V, PAIR, true>(x, gamma, dy, r0, gridDim.x, rows, cv * V, C, sums);
+                rn_pair_sums<T, V, PAIR, 2, true>(x, gamma, dy, r0, gridDim.x, rows, cv * V, C, sums);
             } else {  // an element at a time: hoisted, its loads (a register each) would spill
 #pragma unroll 1
                 for (int q = 0; q < V; ++q)
-                    rn_pair_sums<T, 1, PAIR, false>(x, gamma, dy, r0, gridDim.x, rows, cv * V + q, C, sums);
+                    rn_pair_sums<T, 1, PAIR, 2, false>(x, gamma, dy, r0, gridDim.x, rows, cv * V + q, C, sums);
             }
         }
         const float* totals = block_sum<2 * PAIR>(sums, scratch);
