@@ -4,15 +4,15 @@
 //! order, `const` pointers for `In`, writable pointers for `Out`/`Accumulate`, f32 pointers for
 //! `F32`, the dtype's storage pointer for `Storage`, `long long` for `I64`, `int` for `I32`.
 //! Also the launch rules of the RMSNorm kernels, the coefficient projection and the coefficient
-//! backward over x.
+//! backward over x, and the row layout of the coefficient backward's dp scratch.
 
 use candle_core::DType;
 use mhc_train::gpu::{
-    bwd_x_resident_blocks, project_resident_blocks, Arg, DeviceLimits, Elem,
-    ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, ACCUMULATE_ROWS_PER_BLOCK, BWD_X_ELEMS_PER_THREAD,
-    BWD_X_TOKEN_CHUNK, COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT, DGAMMA_SUM_COLUMNS,
-    FINISH_TOKENS, KERNELS, MAX_STREAMS, MIN_STREAMS, PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD,
-    RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
+    bwd_row_len, bwd_x_on_tensor_cores, bwd_x_resident_blocks, project_resident_blocks, Arg,
+    DeviceLimits, Elem, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, ACCUMULATE_ROWS_PER_BLOCK,
+    BWD_X_ELEMS_PER_THREAD, BWD_X_TOKEN_CHUNK, COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT,
+    DGAMMA_SUM_COLUMNS, FINISH_TOKENS, KERNELS, MAX_STREAMS, MIN_STREAMS, PROJECT_CHUNK,
+    PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
 };
 use mhc_train::mhc::MhcShape;
 use std::collections::HashMap;
@@ -330,5 +330,44 @@ fn backward_token_ranges_fill_one_wave() {
                 "{case}"
             );
         }
+    }
+}
+
+#[test]
+fn dp_rows_match_the_pass_over_x() {
+    // The per-token backward writes dp rows in the layout its reader takes (BwdRow in
+    // kernels/mhc_coeffs.cu), hand-counted here in floats:
+    // - tensor-core pass (bf16, n <= 4, NVIDIA): dP hi and lo as bf16, each padded to 16-wide
+    //   k tiles (2 bytes x 16 KT each: 8 KT floats), then coef and 3 zeros: 16 KT + 4;
+    // - FFMA pass: dP and coef in f32, k + 1 rounded up to 4.
+    let nvidia = DeviceLimits {
+        wave: 32,
+        multiprocessors: 132,
+        tensor_cores: true,
+    };
+    let amd = DeviceLimits {
+        wave: 64,
+        multiprocessors: 304,
+        tensor_cores: false,
+    };
+    for (limits, streams, dtype, floats) in [
+        (&nvidia, 2, DType::BF16, 20), // k = 8: one k tile
+        (&nvidia, 3, DType::BF16, 20), // k = 15: one k tile
+        (&nvidia, 4, DType::BF16, 36), // k = 24: two k tiles
+        (&nvidia, 4, DType::F32, 28),  // k + 1 = 25 -> 28
+        (&nvidia, 5, DType::BF16, 36), // k = 35 > 32: FFMA pass, 36 -> 36
+        (&nvidia, 8, DType::BF16, 84), // k = 80: FFMA pass, 81 -> 84
+        (&amd, 4, DType::BF16, 28),    // no tensor cores on AMD
+        (&amd, 2, DType::F32, 12),     // k + 1 = 9 -> 12
+    ] {
+        let case = format!("n={streams} {dtype:?} tensor cores {}", limits.tensor_cores);
+        assert_eq!(bwd_row_len(limits, streams, dtype), floats, "{case}");
+        // Rows stay 16-byte aligned for the vector copies that stage them.
+        assert_eq!(floats % 4, 0, "{case}");
+        assert_eq!(
+            bwd_x_on_tensor_cores(limits, streams, dtype),
+            limits.tensor_cores && dtype == DType::BF16 && streams <= 4,
+            "{case}"
+        );
     }
 }

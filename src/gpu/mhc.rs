@@ -357,7 +357,8 @@ pub fn coeffs_backward(
 }
 
 /// The per-token stage of the coefficient backward (activations, Sinkhorn VJP): dp [T,
-/// bwd_row_len(n)] (dP and coef per token) for the pass over x, and dalpha_b [3 + k].
+/// bwd_row_len] (dP and coef per token, in the row layout of the pass over x that reads it) and
+/// dalpha_b [3 + k].
 pub(super) fn coeffs_backward_token(
     op: &str,
     shape: &MhcShape,

@@ -130,7 +130,7 @@ pub fn dh_of(
 
 /// Scratch of the coefficient ops, allocated once so timed calls only launch: the forward
 /// projection's partial sums [slices, T, k + 1] (dynamic mode), and for the backward dp [T,
-/// bwd_row_len(n)] and the Sinkhorn denominators [2 * iters * n, T]. Only the kernels read it.
+/// bwd_row_len] and the Sinkhorn denominators [2 * iters * n, T]. Only the kernels read it.
 pub struct CoeffsScratch {
     partial: Buffer<f32>,
     dp: Buffer<f32>,
