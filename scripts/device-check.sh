@@ -18,7 +18,8 @@
 #              T=1024 C=2560 and T=16384 C=1280                        -> ncu.txt
 #   timeline   every kernel of one fused sublayer forward+backward (as
 #              the bench times it) with its duration, and the host's
-#              enqueue times, at T=1024 C=2560 and T=16384 C=1280      -> timeline.txt
+#              enqueue times, at T=1024 C=2560 and T=16384 C=1280, and
+#              a table of the kernels with their sum at the end          -> timeline.txt
 # STAGE_LIMIT_S (default 300) bounds each stage; a stage that fails or runs out is reported and
 # the next one still runs. At most 8 files come back from $OUT, so the stages write no more.
 set -uo pipefail
@@ -33,7 +34,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 if (($# == 0)); then
-  sed -n '2,21p' "${BASH_SOURCE[0]}"
+  sed -n '2,24p' "${BASH_SOURCE[0]}"
   exit 2
 fi
 for stage in "$@"; do
@@ -72,6 +73,35 @@ for s in steps:
 if steps:
     print(f"largest |difference| over {len(steps)} logged steps: "
           f"{max(abs(fused[s] - reference[s]) for s in steps):.5f}")
+EOF
+}
+
+# Per size of a timeline.txt ("-- T=.. C=.." lines, each followed by ncu's raw CSV): each
+# kernel's grid, block and duration in launch order, and their sum.
+summarize_timeline() {
+  python3 - "$1" <<'EOF'
+import csv, io, sys
+title = None
+sections = []
+for line in open(sys.argv[1]).read().splitlines():
+    if line.startswith("-- "):
+        title = line[3:]
+        sections.append((title, []))
+    elif line.startswith('"') and sections:
+        sections[-1][1].append(line)
+for title, lines in sections:
+    rows = [r for r in csv.DictReader(io.StringIO("\n".join(lines))) if r.get("ID", "").isdigit()]
+    if not rows:
+        print(f"{title}: no kernels found")
+        continue
+    print(f"| {title} | grid | block | us |")
+    print("|---|---|---|---|")
+    total = 0.0
+    for r in rows:
+        ns = float(r["gpu__time_duration.sum"].replace(",", ""))
+        total += ns
+        print(f"| {r['Kernel Name'][:48]} | {r['Grid Size']} | {r['Block Size']} | {ns / 1000:.1f} |")
+    print(f"| total ({len(rows)} kernels) | | | {total / 1000:.1f} |")
 EOF
 }
 
@@ -134,6 +164,7 @@ for stage in "$@"; do
           --csv --page raw .bin/test-gpu_sublayer-cuda chained_sublayer_one_step_profile \
           --ignored --exact --nocapture >>"$out/timeline.txt" 2>&1
       done
+      summarize_timeline "$out/timeline.txt" | tee -a "$out/timeline.txt"
       ;;
   esac
   code=$?
