@@ -20,6 +20,11 @@
 #              the bench times it) with its duration, and the host's
 #              enqueue times, at T=1024 C=2560 and T=16384 C=1280, and
 #              a table of the kernels with their sum at the end          -> timeline.txt
+#   source     Nsight Compute's full set, per SASS instruction (issue
+#              counts, stall samples), of the two kernels furthest from
+#              the copy roof, the coefficient backward over x and the
+#              projection (SOURCE_KERNELS: another regex), at T=16384
+#              C=1280                  -> source-sass.csv.xz, source-details.csv
 # STAGE_LIMIT_S (default 300) bounds each stage; a stage that fails or runs out is reported and
 # the next one still runs. At most 8 files come back from $OUT, so the stages write no more.
 set -uo pipefail
@@ -34,14 +39,14 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 if (($# == 0)); then
-  sed -n '2,24p' "${BASH_SOURCE[0]}"
+  sed -n '2,29p' "${BASH_SOURCE[0]}"
   exit 2
 fi
 for stage in "$@"; do
   case "$stage" in
-    selftest | tests | layers | train | agree | ncu | timeline) ;;
+    selftest | tests | layers | train | agree | ncu | timeline | source) ;;
     *)
-      echo "device-check: unknown stage '$stage' (selftest tests layers train agree ncu timeline)" >&2
+      echo "device-check: unknown stage '$stage' (selftest tests layers train agree ncu timeline source)" >&2
       exit 2
       ;;
   esac
@@ -165,6 +170,17 @@ for stage in "$@"; do
           --ignored --exact --nocapture >>"$out/timeline.txt" 2>&1
       done
       summarize_timeline "$out/timeline.txt" | tee -a "$out/timeline.txt"
+      ;;
+    source)
+      # One sublayer step as the timeline profiles it; the report stays in the scratch folder
+      # (only its two exports come back: the instruction table, compressed, and the sections).
+      MHC_BENCH_TOKENS=16384 MHC_BENCH_WIDTHS=1280 \
+        run ncu --clock-control none --profile-from-start off --set full \
+        --kernel-name "regex:${SOURCE_KERNELS:-bwd_x_sum|project}" -o "$work/source" \
+        .bin/test-gpu_sublayer-cuda chained_sublayer_one_step_profile --ignored --exact --nocapture &&
+        run ncu -i "$work/source.ncu-rep" --page source --csv --print-source sass |
+        xz >"$out/source-sass.csv.xz" &&
+        run ncu -i "$work/source.ncu-rep" --page details --csv >"$out/source-details.csv"
       ;;
   esac
   code=$?
