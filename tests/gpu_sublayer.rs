@@ -41,8 +41,8 @@ struct Sublayer {
     shape: MhcShape,
     x: Var,
     phi: Var,
-    alpha: Var,
-    b: Var,
+    /// [3 + k] = (alpha | b), one parameter as the trainer's layer holds it.
+    alpha_b: Var,
     gamma: Var,
     g: Tensor,
 }
@@ -61,8 +61,10 @@ impl Sublayer {
             shape,
             x: Var::from_tensor(&randn(1.0, &[tokens, n, width])?.to_dtype(DType::BF16)?)?,
             phi: Var::from_tensor(&randn((1.0 / (n * width) as f32).sqrt(), &[n * width, k])?)?,
-            alpha: Var::from_tensor(&Tensor::full(0.5f32, 3, device)?)?,
-            b: Var::from_tensor(&randn(1.0, &[k])?)?,
+            alpha_b: Var::from_tensor(&Tensor::cat(
+                &[Tensor::full(0.5f32, 3, device)?, randn(1.0, &[k])?],
+                0,
+            )?)?,
             gamma: Var::from_tensor(&(randn(0.1, &[width])? + 1.0)?)?,
             g: randn(1.0, &[tokens, n, width])?.to_dtype(DType::BF16)?,
         })
@@ -71,12 +73,14 @@ impl Sublayer {
     /// x' through the chained sublayer (the trainer's path) or the three unchained ops.
     fn forward(&self, chained: bool) -> candle_core::Result<Tensor> {
         let (x, shape) = (self.x.as_tensor(), &self.shape);
-        let (phi, alpha, b) = (&self.phi, &self.alpha, &self.b);
+        let (phi, alpha_b) = (&self.phi, self.alpha_b.as_tensor());
         let f = |u: &Tensor| rms_norm(u, &self.gamma);
         if chained {
-            Ok(ops::sublayer(x, Some(phi), alpha, b, shape, f)?.0)
+            Ok(ops::sublayer(x, Some(phi), alpha_b, shape, f)?.0)
         } else {
-            let h = ops::coeffs(x, Some(phi), alpha, b, shape)?;
+            let alpha = alpha_b.narrow(0, 0, 3)?;
+            let b = alpha_b.narrow(0, 3, shape.k())?;
+            let h = ops::coeffs(x, Some(phi), &alpha, &b, shape)?;
             ops::post(x, &h, &f(&ops::pre(x, &h, shape)?)?, shape)
         }
     }

@@ -124,7 +124,8 @@ fn run(case: &Case, path: Path, dtype: DType, f_uses_u: bool) -> Vec<Tensor> {
     };
     let out = match path {
         Path::Chained => {
-            ops::sublayer(&x, phi.as_deref(), &alpha, &b, &case.shape, f)
+            let alpha_b = Tensor::cat(&[alpha.as_tensor(), b.as_tensor()], 0).unwrap();
+            ops::sublayer(&x, phi.as_deref(), &alpha_b, &case.shape, f)
                 .unwrap()
                 .0
         }

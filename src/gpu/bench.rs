@@ -110,8 +110,8 @@ struct Sublayer {
     shape: MhcShape,
     x: Var,
     phi: Option<Var>,
-    alpha: Var,
-    b: Var,
+    /// [3 + k] = (alpha | b), one parameter as the trainer's layer holds it.
+    alpha_b: Var,
     gamma: Var,
     /// Upstream gradient of x' for the timed backward (`SeedGradient`).
     g: Tensor,
@@ -180,12 +180,18 @@ impl Sublayer {
             })
             .transpose()?;
         let alpha_value = if dynamic { 0.5f32 } else { 0.0 };
+        let alpha_b = Tensor::cat(
+            &[
+                Tensor::full(alpha_value, 3, device)?,
+                Tensor::randn(0f32, 1.0, k, device)?,
+            ],
+            0,
+        )?;
         Ok(Self {
             shape,
             x: Var::from_tensor(&x)?,
             phi: phi.map(|p| Var::from_tensor(&p)).transpose()?,
-            alpha: Var::from_tensor(&Tensor::full(alpha_value, 3, device)?)?,
-            b: Var::from_tensor(&Tensor::randn(0f32, 1.0, k, device)?)?,
+            alpha_b: Var::from_tensor(&alpha_b)?,
             // Not all ones: a gamma of ones would hide a kernel that ignores it.
             gamma: Var::from_tensor(&(Tensor::randn(0f32, 0.1, width, device)? + 1.0)?)?,
             g: Tensor::randn(0f32, 1.0, (tokens, n, width), device)?.to_dtype(dtype)?,
@@ -209,8 +215,7 @@ impl Sublayer {
             shape: self.shape,
             x: copy(&self.x)?,
             phi: self.phi.as_ref().map(copy).transpose()?,
-            alpha: copy(&self.alpha)?,
-            b: copy(&self.b)?,
+            alpha_b: copy(&self.alpha_b)?,
             gamma: copy(&self.gamma)?,
             g: self.g.to_dtype(DType::F32)?,
         })
@@ -231,13 +236,16 @@ impl Sublayer {
     fn forward(&self, fused: bool) -> candle_core::Result<Tensor> {
         let (x, shape) = (self.x.as_tensor(), &self.shape);
         let phi = self.phi.as_ref().map(|p| p.as_tensor());
-        let (alpha, b) = (self.alpha.as_tensor(), self.b.as_tensor());
+        let alpha_b = self.alpha_b.as_tensor();
         if fused {
             // The trainer's path: the chained sublayer (dx written once in the backward).
             let f = |u: &Tensor| rms_norm(u, self.gamma.as_tensor());
-            Ok(ops::sublayer(x, phi, alpha, b, shape, f)?.0)
+            Ok(ops::sublayer(x, phi, alpha_b, shape, f)?.0)
         } else {
-            let h = reference::coeffs(x, phi, alpha, b, shape)?;
+            // The reference takes alpha and b apart (views, no copies).
+            let alpha = alpha_b.narrow(0, 0, 3)?;
+            let b = alpha_b.narrow(0, 3, shape.k())?;
+            let h = reference::coeffs(x, phi, &alpha, &b, shape)?;
             let y = candle_ops_rms_norm(&reference::pre(x, &h, shape)?, self.gamma.as_tensor())?;
             reference::post(x, &h, &y, shape)
         }
@@ -451,7 +459,7 @@ impl Bench {
                 .context("dynamic layer has phi")?
                 .as_tensor()
                 .detach();
-            let alpha_b = Tensor::cat(&[layer.alpha.as_tensor(), layer.b.as_tensor()], 0)?.detach();
+            let alpha_b = layer.alpha_b.as_tensor().detach();
             let ext = x.apply_op3(&phi, &alpha_b, ops::CoeffsOp { shape })?;
             let h = ext.narrow(1, 0, shape.k())?.contiguous()?;
             let dh = Tensor::randn(0f32, 1.0, h.dims(), device)?;

@@ -46,7 +46,8 @@ fn fused(
         Chaining::Chained => {
             // F hands back the independent y and keeps u for the loss.
             let mut u = None;
-            let (x_out, h) = ops::sublayer(&x, phi.as_deref(), &alpha, &b, shape, |u_in| {
+            let alpha_b = Tensor::cat(&[alpha.as_tensor(), b.as_tensor()], 0)?;
+            let (x_out, h) = ops::sublayer(&x, phi.as_deref(), &alpha_b, shape, |u_in| {
                 u = Some(u_in.clone());
                 Ok(y.as_tensor().clone())
             })?;

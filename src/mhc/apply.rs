@@ -189,7 +189,8 @@ fn sublayer(
     match imp {
         // The chained ops: the backward writes dx once.
         MhcImpl::Fused => {
-            let (x_out, h) = ops::sublayer(x, phi, alpha, b, shape, |u| rms_norm(u, gamma))?;
+            let alpha_b = Tensor::cat(&[alpha, b], 0)?;
+            let (x_out, h) = ops::sublayer(x, phi, &alpha_b, shape, |u| rms_norm(u, gamma))?;
             Ok((h, x_out))
         }
         MhcImpl::Reference => {

@@ -25,29 +25,23 @@ pub fn coeffs(
     b: &Tensor,
     shape: &MhcShape,
 ) -> Result<Tensor> {
-    let (phi, alpha_b) = coeffs_inputs(x, phi, alpha, b, shape)?;
+    let phi = coeffs_phi(x, phi, shape)?;
+    let alpha_b = Tensor::cat(&[alpha, b], 0)?;
     let ext = x
         .contiguous()?
         .apply_op3(&phi, &alpha_b, CoeffsOp { shape: *shape })?;
     ext.narrow(1, 0, shape.k())
 }
 
-/// CoeffsOp's phi (zero-size in static mode) and alpha_b = [alpha | b].
-fn coeffs_inputs(
-    x: &Tensor,
-    phi: Option<&Tensor>,
-    alpha: &Tensor,
-    b: &Tensor,
-    shape: &MhcShape,
-) -> Result<(Tensor, Tensor)> {
-    let phi = match (phi, shape.dynamic) {
-        (Some(phi), true) => phi.contiguous()?,
-        // Static mode: a zero-size phi keeps the op's arity; the op never reads it.
-        (None, false) => Tensor::zeros((0, shape.k()), DType::F32, x.device())?,
+/// CoeffsOp's phi: the given one in dynamic mode; in static mode a zero-size one, which keeps the
+/// op's arity and is never read.
+fn coeffs_phi(x: &Tensor, phi: Option<&Tensor>, shape: &MhcShape) -> Result<Tensor> {
+    match (phi, shape.dynamic) {
+        (Some(phi), true) => phi.contiguous(),
+        (None, false) => Tensor::zeros((0, shape.k()), DType::F32, x.device()),
         (Some(_), false) => bail!("mhc coeffs: phi given but shape.dynamic is false"),
         (None, true) => bail!("mhc coeffs: shape.dynamic is true but phi is missing"),
-    };
-    Ok((phi, Tensor::cat(&[alpha, b], 0)?))
+    }
 }
 
 /// One whole sublayer x' = H_res x + H_post f(H_pre x) through the chained ops: the backward
@@ -60,17 +54,21 @@ fn coeffs_inputs(
 /// one pass over x) and returns it as x's only gradient from this sublayer. (CUDA in static
 /// mode, where the coefficients make no pass over x: pre returns its dx and the coefficient
 /// backward post's, and autograd adds the two.)
+///
+/// alpha_b [3 + k] f32 = (alpha_pre, alpha_post, alpha_res, b_0 .. b_{k-1}), the layout the
+/// kernels read, taken as one tensor (the layer's parameter) so the forward starts with no
+/// concatenation: on CUDA that was two copy kernels per sublayer.
 pub fn sublayer(
     x: &Tensor,
     phi: Option<&Tensor>,
-    alpha: &Tensor,
-    b: &Tensor,
+    alpha_b: &Tensor,
     shape: &MhcShape,
     f: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     let chain = Chain::default();
     let x = x.contiguous()?;
-    let (phi, alpha_b) = coeffs_inputs(&x, phi, alpha, b, shape)?;
+    let phi = coeffs_phi(&x, phi, shape)?;
+    let alpha_b = alpha_b.contiguous()?;
     let coeffs = ChainedCoeffsOp {
         op: CoeffsOp { shape: *shape },
         chain: chain.clone(),

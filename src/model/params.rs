@@ -104,9 +104,14 @@ impl Params {
         candle_core::safetensors::save(&tensors, path)
     }
 
-    /// Loads weights saved by `save`; every parameter must be present with its exact shape.
+    /// Loads weights saved by `save`; every parameter must be present with its exact shape
+    /// (checkpoints from before the mHC (alpha | b) parameter included).
     pub fn load(&self, path: &Path) -> anyhow::Result<()> {
-        let tensors = candle_core::safetensors::load(path, &self.device)?;
+        let mut tensors = candle_core::safetensors::load(path, &self.device)?;
+        crate::mhc::layer::upgrade_legacy_alpha_b(
+            &mut tensors,
+            self.params.keys().map(String::as_str),
+        )?;
         for (name, p) in &self.params {
             let t = tensors.get(name).ok_or_else(|| {
                 anyhow::anyhow!("{} has no tensor {name}: another model?", path.display())

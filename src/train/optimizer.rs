@@ -110,6 +110,12 @@ impl AdamW {
             .map(|s| s.m.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
         let mut tensors = candle_core::safetensors::load(path, &device)?;
+        let keys: Vec<String> = self
+            .slots
+            .iter()
+            .flat_map(|s| [format!("m.{}", s.name), format!("v.{}", s.name)])
+            .collect();
+        crate::mhc::layer::upgrade_legacy_alpha_b(&mut tensors, keys.iter().map(String::as_str))?;
         let mut take = |key: &str, like: &Tensor| -> anyhow::Result<Tensor> {
             let t = tensors.remove(key).ok_or_else(|| {
                 anyhow::anyhow!("{} lacks optimizer tensor {key}", path.display())
