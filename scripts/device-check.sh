@@ -21,10 +21,11 @@
 #              enqueue times, at T=1024 C=2560 and T=16384 C=1280, and
 #              a table of the kernels with their sum at the end          -> timeline.txt
 #   source     Nsight Compute's full set, per SASS instruction (issue
-#              counts, stall samples), of the two kernels furthest from
-#              the copy roof, the coefficient backward over x and the
-#              projection (SOURCE_KERNELS: another regex), at T=16384
-#              C=1280                  -> source-sass.csv.xz, source-details.csv
+#              counts, stall samples), of the kernels furthest from the
+#              copy roof: the coefficient backward over x, the projection,
+#              and the two per-token Sinkhorn kernels (SOURCE_KERNELS:
+#              another regex), at T=16384 C=1280
+#                                      -> source-sass.csv.xz, source-details.csv
 # STAGE_LIMIT_S (default 300) bounds each stage; a stage that fails or runs out is reported and
 # the next one still runs. At most 8 files come back from $OUT, so the stages write no more.
 set -uo pipefail
@@ -39,7 +40,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 if (($# == 0)); then
-  sed -n '2,29p' "${BASH_SOURCE[0]}"
+  sed -n '2,30p' "${BASH_SOURCE[0]}"
   exit 2
 fi
 for stage in "$@"; do
@@ -176,7 +177,7 @@ for stage in "$@"; do
       # (only its two exports come back: the instruction table, compressed, and the sections).
       MHC_BENCH_TOKENS=16384 MHC_BENCH_WIDTHS=1280 \
         run ncu --clock-control none --profile-from-start off --set full \
-        --kernel-name "regex:${SOURCE_KERNELS:-bwd_x_sum|project}" -o "$work/source" \
+        --kernel-name "regex:${SOURCE_KERNELS:-bwd_x_sum|project|finish|bwd_token}" -o "$work/source" \
         .bin/test-gpu_sublayer-cuda chained_sublayer_one_step_profile --ignored --exact --nocapture &&
         run ncu -i "$work/source.ncu-rep" --page source --csv --print-source sass |
         xz >"$out/source-sass.csv.xz" &&
