@@ -155,5 +155,7 @@ pub fn selftest(device: &Device, seed: Option<u64>) -> anyhow::Result<()> {
         }
     }
     set_poison_outputs(false);
-    tally.finish("gpu selftest")
+    tally.finish(&format!(
+        "gpu selftest (--seed {run_seed} repeats these inputs)"
+    ))
 }

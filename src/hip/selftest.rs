@@ -137,5 +137,7 @@ pub fn selftest(seed: Option<u64>) -> Result<()> {
         let bf16_case = check_rms_norm::<bf16>(&dev, dims, seed);
         tally.record(&label(DType::BF16), DType::BF16, bf16_case);
     }
-    tally.finish("hip selftest")
+    tally.finish(&format!(
+        "hip selftest (--seed {run_seed} repeats these inputs)"
+    ))
 }
