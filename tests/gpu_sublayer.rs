@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use mhc_train::gpu::bench::SeedGradient;
 use mhc_train::mhc::apply::{rms_norm, RMS_NORM_EPS};
+use mhc_train::mhc::layer::split_alpha_b;
 use mhc_train::mhc::{ops, MhcShape};
 use std::time::Instant;
 
@@ -78,8 +79,7 @@ impl Sublayer {
         if chained {
             Ok(ops::sublayer(x, Some(phi), alpha_b, shape, f)?.0)
         } else {
-            let alpha = alpha_b.narrow(0, 0, 3)?;
-            let b = alpha_b.narrow(0, 3, shape.k())?;
+            let (alpha, b) = split_alpha_b(alpha_b, shape)?;
             let h = ops::coeffs(x, Some(phi), &alpha, &b, shape)?;
             ops::post(x, &h, &f(&ops::pre(x, &h, shape)?)?, shape)
         }

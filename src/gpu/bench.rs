@@ -20,6 +20,7 @@ use crate::bench::report::{
     Diff, LayerConfig, Measurement, FUSED_BF16, FUSED_F32, REF_BF16, REF_F32,
 };
 use crate::mhc::apply::{rms_norm, RMS_NORM_EPS};
+use crate::mhc::layer::split_alpha_b;
 use crate::mhc::{ops, reference, MhcShape};
 use anyhow::{bail, Context};
 use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
@@ -243,8 +244,7 @@ impl Sublayer {
             Ok(ops::sublayer(x, phi, alpha_b, shape, f)?.0)
         } else {
             // The reference takes alpha and b apart (views, no copies).
-            let alpha = alpha_b.narrow(0, 0, 3)?;
-            let b = alpha_b.narrow(0, 3, shape.k())?;
+            let (alpha, b) = split_alpha_b(alpha_b, shape)?;
             let h = reference::coeffs(x, phi, &alpha, &b, shape)?;
             let y = candle_ops_rms_norm(&reference::pre(x, &h, shape)?, self.gamma.as_tensor())?;
             reference::post(x, &h, &y, shape)

@@ -24,6 +24,12 @@ pub const PHI_INIT_STD: f64 = 0.02;
 /// it existed hold `alpha` (dynamic mode only) and `b` instead (`crate::model::params`).
 pub const ALPHA_B: &str = "alpha_b";
 
+/// (alpha [3], b [k]) as views of alpha_b [3 + k], for the ops that take them apart (the
+/// reference, the unchained fused ops).
+pub fn split_alpha_b(alpha_b: &Tensor, shape: &MhcShape) -> Result<(Tensor, Tensor)> {
+    Ok((alpha_b.narrow(0, 0, 3)?, alpha_b.narrow(0, 3, shape.k())?))
+}
+
 /// One mHC sublayer wrapper: owns phi and alpha_b and applies
 /// `x' = H_res x + H_post F(H_pre x)` with per-token coefficients.
 pub struct Mhc {
@@ -81,9 +87,7 @@ impl Mhc {
             // The chained ops: the sublayer's backward writes dx once.
             MhcImpl::Fused => ops::sublayer(x, self.phi.as_ref(), &self.alpha_b, &self.shape, f),
             MhcImpl::Reference => {
-                // alpha and b as views of alpha_b: the reference takes them apart.
-                let alpha = self.alpha_b.narrow(0, 0, 3)?;
-                let b = self.alpha_b.narrow(0, 3, self.shape.k())?;
+                let (alpha, b) = split_alpha_b(&self.alpha_b, &self.shape)?;
                 let h = reference::coeffs(x, self.phi.as_ref(), &alpha, &b, &self.shape)?;
                 let u = reference::pre(x, &h, &self.shape)?;
                 let y = f(&u)?;
