@@ -634,8 +634,9 @@ template <int N> struct BwdRow {
     static constexpr int SPLIT = 16 * KT + 4;
 };
 
-// Backward, per token (one thread each), from ext and dh [T, k] = dL/dH: activation and Sinkhorn
-// backward give dHt; then
+// Backward, per token (one thread each), from ext and dh [T, k] = dL/dH (with `add_dh_pre`, dH's
+// pre columns are dh's plus dh_pre's: the chained backward hands over pre's contribution here
+// instead of a [T, k] add of the two); activation and Sinkhorn backward give dHt; then
 //   db_c = dHt_c, dalpha_g = sum_{c in g} dHt_c P_c / r   (summed over the block, atomically added
 //   to dalpha_b, which the caller zeroes), and into dp[t]: dP_c = alpha_g dHt_c / r and
 //   coef = dr / (D r) with dr = -sum_c alpha_g dHt_c P_c / r^2, so dxbar = phi dP^T + coef xbar.
@@ -651,9 +652,10 @@ constexpr int den_shared_floats =
     2 * DEN_SHARED_ITERS * N * MHC_WAVE * 4 <= 40 * 1024 ? 2 * DEN_SHARED_ITERS * N * MHC_WAVE : 1;
 template <int N>
 __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const float* __restrict__ ext,
-                                      const float* __restrict__ dh, float* __restrict__ dp,
-                                      float* __restrict__ den, float* __restrict__ dalpha_b, long long tokens,
-                                      long long D, int iters, int split_dp) {
+                                      const float* __restrict__ dh, const float* __restrict__ dh_pre,
+                                      float* __restrict__ dp, float* __restrict__ den,
+                                      float* __restrict__ dalpha_b, long long tokens, long long D, int iters,
+                                      int split_dp, int add_dh_pre) {
     constexpr int K = N * N + 2 * N;
     constexpr int KPAD = BwdRow<N>::KPAD, KT = BwdRow<N>::KT, SPLIT = BwdRow<N>::SPLIT;
     constexpr int NV = 3 + K;
@@ -676,6 +678,10 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
         for (int c = 0; c < K; ++c) {
             p[c] = e[K + c];
             dht[c] = de[c];
+        }
+        if (add_dh_pre) {
+#pragma unroll
+            for (int c = 0; c < N; ++c) dht[c] += dh_pre[t * K + c];
         }
         const float inv_r = 1.0f / e[2 * K];
 #pragma unroll
@@ -1185,8 +1191,8 @@ __device__ __forceinline__ void coeffs_backward_x(const T* __restrict__ x, const
     const float *partial, const float *alpha_b, float *ext, float *h, long long tokens, long long D, int splits, \
         int iters
 #define BWD_TOKEN_PARAMS \
-    const float *alpha_b, const float *ext, const float *dh, float *dp, float *den, float *dalpha_b, long long tokens, \
-        long long D, int iters, int split_dp
+    const float *alpha_b, const float *ext, const float *dh, const float *dh_pre, float *dp, float *den, \
+        float *dalpha_b, long long tokens, long long D, int iters, int split_dp, int add_dh_pre
 #define BWD_X_PARAMS(T) \
     const T *x, const float *phi, const float *dp, T *dx, float *dphi, long long tokens, long long D, \
         long long tokens_per_split
@@ -1194,7 +1200,7 @@ __device__ __forceinline__ void coeffs_backward_x(const T* __restrict__ x, const
     const T *x, const float *phi, const float *dp, const T *dx_post, const T *du, const float *h, T *dx, \
         float *dphi, long long tokens, long long D, long long C, long long tokens_per_split
 extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1203,7 +1209,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1212,7 +1218,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1221,7 +1227,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1230,7 +1236,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1239,7 +1245,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
@@ -1248,7 +1254,7 @@ extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) m
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, h, tokens, iters); }
-extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, dh, dp, den, dalpha_b, tokens, D, iters, split_dp); }
+extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
 extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }

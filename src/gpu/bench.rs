@@ -485,7 +485,7 @@ impl Bench {
                     "coeffs bwd",
                     2.0 * xb,
                     Box::new(|| {
-                        super::mhc::coeffs_backward(&shape, &x, &phi, &alpha_b, &ext, &dh)?;
+                        super::mhc::coeffs_backward(&shape, &x, &phi, &alpha_b, &ext, &dh, None)?;
                         Ok(())
                     }),
                 ),
@@ -525,8 +525,18 @@ impl Bench {
                     "coeffs bwd, dx summed (chained)",
                     3.0 * xb + ub,
                     Box::new(|| {
+                        // pre's dh handed over as the trainer's chain does (dh stands in).
                         super::chain::coeffs_backward_sum(
-                            &shape, &x, &phi, &alpha_b, &ext, &dh, &g, &y, &h,
+                            &shape,
+                            &x,
+                            &phi,
+                            &alpha_b,
+                            &ext,
+                            &dh,
+                            Some(&dh),
+                            &g,
+                            &y,
+                            &h,
                         )?;
                         Ok(())
                     }),

@@ -14,7 +14,8 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Result, Storage, Tensor};
 
 /// Dynamic-mode coefficient backward that also sums the sublayer's other dx contributions:
-/// (dx = dx_post + H_pre (x) du + phi dP^T + coef x, dphi, dalpha_b), from dh [T, k] = dL/dH.
+/// (dx = dx_post + H_pre (x) du + phi dP^T + coef x, dphi, dalpha_b), from dh [T, k] = dL/dH
+/// (plus dh_pre's pre columns when given: pre's dh, handed over by the chain).
 /// dx_post [T, n, C] and du [T, C] are in x's dtype, h [T, k] f32.
 #[allow(clippy::too_many_arguments)]
 pub fn coeffs_backward_sum(
@@ -24,6 +25,7 @@ pub fn coeffs_backward_sum(
     alpha_b: &Tensor,
     ext: &Tensor,
     dh: &Tensor,
+    dh_pre: Option<&Tensor>,
     dx_post: &Tensor,
     du: &Tensor,
     h: &Tensor,
@@ -33,7 +35,7 @@ pub fn coeffs_backward_sum(
         if !shape.dynamic {
             bail!("{op}: static mode has no pass over x")
         }
-        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, dh)?;
+        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, dh, dh_pre)?;
         let (n, c, k) = (shape.streams, shape.width, shape.k());
         let tokens = x.dims()[0];
         let d = n * c;

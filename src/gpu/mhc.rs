@@ -313,8 +313,9 @@ pub fn coeffs_forward(
     })
 }
 
-/// CoeffsOp backward from dh [T, k] = dL/dH: (dx, dphi, dalpha_b); dx and dphi are None in
-/// static mode.
+/// CoeffsOp backward from dh [T, k] = dL/dH (plus `dh_pre`'s pre columns when given, as
+/// `coeffs_backward_token` adds them): (dx, dphi, dalpha_b); dx and dphi are None in static mode.
+#[allow(clippy::too_many_arguments)]
 pub fn coeffs_backward(
     shape: &MhcShape,
     x: &Tensor,
@@ -322,10 +323,11 @@ pub fn coeffs_backward(
     alpha_b: &Tensor,
     ext: &Tensor,
     dh: &Tensor,
+    dh_pre: Option<&Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
     let op = "mhc-coeffs backward";
     dispatch_storage!(op, x.dtype(), T => {
-        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, dh)?;
+        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, dh, dh_pre)?;
         if !shape.dynamic {
             return Ok((None, None, dalpha_b));
         }
@@ -358,7 +360,9 @@ pub fn coeffs_backward(
 
 /// The per-token stage of the coefficient backward (activations, Sinkhorn VJP): dp [T,
 /// bwd_row_len] (dP and coef per token, in the row layout of the pass over x that reads it) and
-/// dalpha_b [3 + k].
+/// dalpha_b [3 + k]. dL/dH is dh [T, k], its pre columns plus those of `dh_pre` [T, k] when given:
+/// the chained backward hands pre's dh over here rather than have autograd add the two.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn coeffs_backward_token(
     op: &str,
     shape: &MhcShape,
@@ -367,6 +371,7 @@ pub(super) fn coeffs_backward_token(
     alpha_b: &Tensor,
     ext: &Tensor,
     dh: &Tensor,
+    dh_pre: Option<&Tensor>,
 ) -> Result<(CudaSlice<f32>, Tensor)> {
     let (n, k) = (shape.streams, shape.k());
     let tokens = tokens_of(op, shape, x.dims())?;
@@ -375,13 +380,22 @@ pub(super) fn coeffs_backward_token(
     check_dims(op, "ext", ext.dims(), &[tokens, 2 * k + 1])?;
     check_dims(op, "dh", dh.dims(), &[tokens, k])?;
     let dh = dh.contiguous()?;
+    if let Some(dh_pre) = dh_pre {
+        check_dims(op, "dh_pre", dh_pre.dims(), &[tokens, k])?;
+    }
+    let dh_pre = dh_pre.map(Tensor::contiguous).transpose()?;
+    // Without dh_pre the kernel is told not to read it (add_dh_pre = 0); dh stands in.
+    let add_dh_pre = i32::from(dh_pre.is_some());
+    let dh_pre = dh_pre.unwrap_or_else(|| dh.clone());
     cuda_storage!(op, "alpha_b", alpha_b => alpha_b_s, alpha_b_l);
     cuda_storage!(op, "ext", ext => ext_s, ext_l);
     cuda_storage!(op, "dh", dh => dh_s, dh_l);
+    cuda_storage!(op, "dh_pre", dh_pre => dh_pre_s, dh_pre_l);
     let dev = &ext_s.device;
     let alpha_b_v = view::<f32>(op, "alpha_b", alpha_b_s, alpha_b_l)?;
     let ext_v = view::<f32>(op, "ext", ext_s, ext_l)?;
     let dh_v = view::<f32>(op, "dh", dh_s, dh_l)?;
+    let dh_pre_v = view::<f32>(op, "dh_pre", dh_pre_s, dh_pre_l)?;
     let stream = dev.cuda_stream();
 
     let mut dalpha_b = dev.alloc_zeros::<f32>(3 + k)?;
@@ -399,9 +413,10 @@ pub(super) fn coeffs_backward_token(
         // small T over more multiprocessors.
         let geometry = COEFFS_BWD_TOKEN.geometry(&limits, shape, x.dtype(), tokens);
         let mut b = stream.launch_builder(&func);
-        b.arg(&alpha_b_v).arg(&ext_v).arg(&dh_v);
+        b.arg(&alpha_b_v).arg(&ext_v).arg(&dh_v).arg(&dh_pre_v);
         b.arg(&mut dp).arg(&mut den).arg(&mut dalpha_b);
-        b.arg(&tokens_i).arg(&d_i).arg(&iters).arg(&split_dp);
+        b.arg(&tokens_i).arg(&d_i).arg(&iters);
+        b.arg(&split_dp).arg(&add_dh_pre);
         unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
     }
     Ok((dp, tensor(wrap(dev, dalpha_b), 3 + k)))

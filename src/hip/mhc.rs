@@ -113,21 +113,6 @@ pub fn coeffs_forward<T: DeviceElem>(
     }
 }
 
-/// dh [T, k] from the two partial coefficient gradients, as autograd sums them on CUDA: pre
-/// backward fills only the pre columns of its dh, post backward only the post and res columns,
-/// so each is copied into its columns.
-pub fn dh_of(
-    shape: &MhcShape,
-    tokens: usize,
-    dh_pre: &Buffer<f32>,
-    dh_post: &Buffer<f32>,
-    dh: &mut Buffer<f32>,
-) -> Result<()> {
-    let (n, k) = (shape.streams, shape.k());
-    dh.copy_columns(k, 0, dh_pre, k, 0, n, tokens)?;
-    dh.copy_columns(k, n, dh_post, k, n, k - n, tokens)
-}
-
 /// Scratch of the coefficient ops, allocated once so timed calls only launch: the forward
 /// projection's partial sums [slices, T, k + 1] (dynamic mode), and for the backward dp [T,
 /// bwd_row_len] and the Sinkhorn denominators [2 * iters * n, T]. Only the kernels read it.
@@ -172,9 +157,9 @@ pub struct DxContributions<'a, T: DeviceElem> {
     pub h: &'a Buffer<f32>,
 }
 
-/// Coefficients backward from dh [T, k] = dL/dH: dalpha_b always;
-/// dx [T, n, C] and dphi [nC, k] in dynamic mode, dx with `chained`'s contributions added when
-/// given.
+/// Coefficients backward from dh [T, k] = dL/dH (its pre columns plus those of `dh_pre`
+/// [T, k] when given, as the CUDA chain hands pre's dh over): dalpha_b always; dx [T, n, C] and
+/// dphi [nC, k] in dynamic mode, dx with `chained`'s contributions added when given.
 #[allow(clippy::too_many_arguments)]
 pub fn coeffs_backward<T: DeviceElem>(
     dev: &Device,
@@ -185,6 +170,7 @@ pub fn coeffs_backward<T: DeviceElem>(
     alpha_b: &Buffer<f32>,
     ext: &Buffer<f32>,
     dh: &Buffer<f32>,
+    dh_pre: Option<&Buffer<f32>>,
     scratch: &mut CoeffsScratch,
     grads: CoeffsGrads<T>,
     chained: Option<DxContributions<T>>,
@@ -197,6 +183,12 @@ pub fn coeffs_backward<T: DeviceElem>(
     check_len(op, "alpha_b", alpha_b, 3 + k)?;
     check_len(op, "ext", ext, tokens * (2 * k + 1))?;
     check_len(op, "dh", dh, tokens * k)?;
+    if let Some(dh_pre) = dh_pre {
+        check_len(op, "dh_pre", dh_pre, tokens * k)?;
+    }
+    // Without dh_pre the kernel is told not to read it (add_dh_pre = 0); dh stands in.
+    let add_dh_pre = i32::from(dh_pre.is_some());
+    let dh_pre = dh_pre.unwrap_or(dh);
     check_len(
         op,
         "dp",
@@ -219,6 +211,7 @@ pub fn coeffs_backward<T: DeviceElem>(
             alpha_b.arg(),
             ext.arg(),
             dh.arg(),
+            dh_pre.arg(),
             scratch.dp.arg_mut(),
             scratch.den.arg_mut(),
             grads.dalpha_b.arg_mut(),
@@ -226,6 +219,7 @@ pub fn coeffs_backward<T: DeviceElem>(
             KernelArg::I64(d_i),
             KernelArg::I32(iters),
             KernelArg::I32(split_dp),
+            KernelArg::I32(add_dh_pre),
         ];
         launch(dev, &COEFFS_BWD_TOKEN, shape, T::DTYPE, tokens, &args)?;
     }
@@ -516,9 +510,8 @@ pub struct Sublayer<T: DeviceElem> {
     pub dy: Buffer<T>,
     /// pre's dx term (unused by the chained dynamic backward).
     pub dx_pre: Buffer<T>,
+    /// pre's dh: the coefficient backward adds its pre columns to dh_post's (as on CUDA).
     pub dh_pre: Buffer<f32>,
-    /// dL/dH: dh_pre's and dh_post's columns.
-    pub dh: Buffer<f32>,
     /// Dynamic mode: the coefficient backward's dx, its own term (unchained) or the whole dx
     /// (chained).
     pub dx_coeffs: Buffer<T>,
@@ -590,7 +583,6 @@ impl<T: DeviceElem> Sublayer<T> {
             dy: dev.alloc_out(tokens * c)?,
             dx_pre: dev.alloc_out(pre_dx_len)?,
             dh_pre: dev.alloc_out(tokens * k)?,
-            dh: dev.alloc_out(tokens * k)?,
             dx_coeffs: dev.alloc_out(dynamic_len(tokens * d))?,
             dphi: dev.alloc(dynamic_len(d * k))?,
             dalpha_b: dev.alloc(3 + k)?,
@@ -664,8 +656,8 @@ impl<T: DeviceElem> Sublayer<T> {
     }
 
     /// From du: dh_pre and pre's dx (none when the chained dynamic backward folds it in; the
-    /// sublayer's dx, post's added, when chained in static mode), dh, then the coefficient
-    /// backward (dalpha_b; dynamic: dx_coeffs and dphi).
+    /// sublayer's dx, post's added, when chained in static mode), then the coefficient backward
+    /// from dh_post and dh_pre (dalpha_b; dynamic: dx_coeffs and dphi).
     pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
         let chained = self.chaining == Chaining::Chained;
@@ -689,7 +681,6 @@ impl<T: DeviceElem> Sublayer<T> {
             dx_pre,
             &mut self.dh_pre,
         )?;
-        dh_of(shape, t, &self.dh_pre, &self.dh_post, &mut self.dh)?;
         let grads = CoeffsGrads {
             dx: &mut self.dx_coeffs,
             dphi: &mut self.dphi,
@@ -708,7 +699,8 @@ impl<T: DeviceElem> Sublayer<T> {
             &self.phi,
             &self.alpha_b,
             &self.ext,
-            &self.dh,
+            &self.dh_post,
+            Some(&self.dh_pre),
             &mut self.scratch,
             grads,
             contributions,

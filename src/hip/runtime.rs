@@ -454,12 +454,6 @@ impl<T: DeviceElem> Buffer<T> {
         self.len * std::mem::size_of::<T>()
     }
 
-    /// Device address of element `offset` (for copies into part of a buffer).
-    fn at(&self, offset: usize) -> *mut c_void {
-        // SAFETY: callers stay within the allocation.
-        unsafe { self.ptr.cast::<u8>().add(offset * std::mem::size_of::<T>()) }.cast()
-    }
-
     pub fn copy_from_host(&mut self, host: &[T]) -> Result<()> {
         if host.len() != self.len {
             bail!(
@@ -565,53 +559,6 @@ impl<T: DeviceElem> Buffer<T> {
         };
         check(status, || {
             format!("hipMemcpyAsync device->device ({} bytes)", self.bytes())
-        })
-    }
-
-    /// Copies `columns` columns starting at `src_col` of every row of `src` (rows of `src_row`
-    /// elements) into columns starting at `dst_col` of the rows of self (rows of `dst_row`),
-    /// for `rows` rows, on the device (one strided copy, queued on the null stream).
-    #[allow(clippy::too_many_arguments)] // two (row length, first column) pairs, plus extent
-    pub fn copy_columns(
-        &mut self,
-        dst_row: usize,
-        dst_col: usize,
-        src: &Buffer<T>,
-        src_row: usize,
-        src_col: usize,
-        columns: usize,
-        rows: usize,
-    ) -> Result<()> {
-        if rows == 0 || columns == 0 {
-            return Ok(());
-        }
-        if dst_col + columns > dst_row
-            || src_col + columns > src_row
-            || rows * dst_row > self.len
-            || rows * src_row > src.len
-        {
-            bail!(
-                "copy_columns out of bounds: {rows} rows x {columns} columns from [{src_col}..] of \
-                 rows of {src_row} ({} elements) into [{dst_col}..] of rows of {dst_row} ({} elements)",
-                src.len,
-                self.len
-            )
-        }
-        let elem = std::mem::size_of::<T>();
-        let status = unsafe {
-            sys::hipMemcpy2DAsync(
-                self.at(dst_col),
-                dst_row * elem,
-                src.at(src_col),
-                src_row * elem,
-                columns * elem,
-                rows,
-                sys::hipMemcpyKind::hipMemcpyDeviceToDevice,
-                std::ptr::null_mut(),
-            )
-        };
-        check(status, || {
-            format!("hipMemcpy2DAsync({rows} rows x {columns} columns)")
         })
     }
 

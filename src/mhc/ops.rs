@@ -99,6 +99,28 @@ struct ChainState {
     dx_post: Option<Tensor>,
     /// pre's (du [T, C], H [T, k]): its dx is H_pre[j] du.
     pre: Option<(Tensor, Tensor)>,
+    /// Set by post's backward. On CUDA, pre's backward (which runs after it) then hands its dh
+    /// to the coefficient backward as `dh_pre` instead of returning it: H's gradient is post's
+    /// dh (and any other consumer's), and the per-token kernel adds pre's columns, where
+    /// autograd would have launched a [T, k] add. (Without post's, pre returns its dh: H's
+    /// gradient must not rest on a handover that no backward takes.)
+    post_ran: bool,
+    /// pre's dh [T, k], only its pre columns non-zero (CUDA).
+    dh_pre: Option<Tensor>,
+}
+
+#[cfg(feature = "cuda")]
+impl ChainState {
+    /// What pre's backward returns as H's gradient on CUDA: nothing when post's backward ran
+    /// (its dh goes to the coefficient backward through the chain), else dh itself.
+    fn hand_over_dh_pre(&mut self, dh: Tensor) -> Option<Tensor> {
+        if std::mem::take(&mut self.post_ran) {
+            self.dh_pre = Some(dh);
+            None
+        } else {
+            Some(dh)
+        }
+    }
 }
 
 type Chain = Arc<Mutex<ChainState>>;
@@ -118,7 +140,8 @@ struct ChainedCoeffsOp {
 }
 
 /// `PreOp` whose backward stashes (du, H) and returns dh only (on CUDA in static mode: dh and
-/// the sublayer's dx, post's included).
+/// the sublayer's dx, post's included; on CUDA after post's backward, dh goes to the chain
+/// instead: `ChainState::post_ran`).
 struct ChainedPreOp {
     op: PreOp,
     chain: Chain,
@@ -198,6 +221,8 @@ impl CustomOp3 for ChainedCoeffsOp {
                 ext: None,
                 dx_post: chain.dx_post.take(),
                 pre: chain.pre.take(),
+                post_ran: std::mem::take(&mut chain.post_ran),
+                dh_pre: chain.dh_pre.take(),
             };
             (ext, state)
         };
@@ -217,7 +242,16 @@ impl CustomOp3 for ChainedCoeffsOp {
                 ),
             };
             let (dx, dphi, dalpha_b) = crate::gpu::chain::coeffs_backward_sum(
-                shape, x, phi, alpha_b, ext, dh, &dx_post, &du, &h,
+                shape,
+                x,
+                phi,
+                alpha_b,
+                ext,
+                dh,
+                state.dh_pre.as_ref(),
+                &dx_post,
+                &du,
+                &h,
             )?;
             return Ok((Some(dx), Some(dphi), Some(dalpha_b)));
         }
@@ -225,7 +259,15 @@ impl CustomOp3 for ChainedCoeffsOp {
         // returned the sublayer's dx; post's is still here only if pre's backward did not run.
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let (_, _, dalpha_b) = coeffs_backward(shape, x, phi, alpha_b, ext, dh)?;
+            let (_, _, dalpha_b) = crate::gpu::mhc::coeffs_backward(
+                shape,
+                x,
+                phi,
+                alpha_b,
+                ext,
+                dh,
+                state.dh_pre.as_ref(),
+            )?;
             return Ok((state.dx_post, None, Some(dalpha_b)));
         }
         // CPU: add the contributions in f32 (f64 for f64 storage) and round once.
@@ -294,26 +336,28 @@ impl CustomOp2 for ChainedPreOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let shape = &self.op.shape;
         let du = du.contiguous()?;
+        let mut chain = lock(&self.chain);
         let dh = match x.device() {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) if shape.dynamic => {
-                crate::gpu::mhc::pre_backward(shape, x, h, &du, PreDx::None)?.1
+                let dh = crate::gpu::mhc::pre_backward(shape, x, h, &du, PreDx::None)?.1;
+                chain.hand_over_dh_pre(dh)
             }
             // Static mode on CUDA: the coefficient backward has no pass over x to fold dx into,
             // so pre's kernel writes the sublayer's one dx = dx_post + H_pre (x) du (post's
             // backward ran first and stashed dx_post) with dh, in one pass.
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
-                let dx_post = lock(&self.chain).dx_post.take();
+                let dx_post = chain.dx_post.take();
                 let dx = dx_post.as_ref().map_or(PreDx::Write, PreDx::AddTo);
                 let (dx, dh) = crate::gpu::mhc::pre_backward(shape, x, h, &du, dx)?;
-                return Ok((dx, Some(dh)));
+                return Ok((dx, chain.hand_over_dh_pre(dh)));
             }
             // The CPU computes pre's dx too; only its dh is used here.
-            _ => pre_backward(shape, x, h, &du)?.1,
+            _ => Some(pre_backward(shape, x, h, &du)?.1),
         };
-        lock(&self.chain).pre = Some((du, h.clone()));
-        Ok((None, Some(dh)))
+        chain.pre = Some((du, h.clone()));
+        Ok((None, dh))
     }
 }
 
@@ -356,7 +400,9 @@ impl CustomOp3 for ChainedPostOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dh, dy) = post_backward(&self.op.shape, x, h, y, g)?;
-        lock(&self.chain).dx_post = Some(dx);
+        let mut chain = lock(&self.chain);
+        chain.dx_post = Some(dx);
+        chain.post_ran = true;
         Ok((None, Some(dh), Some(dy)))
     }
 }
@@ -539,7 +585,7 @@ pub fn coeffs_backward(
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::gpu::mhc::coeffs_backward(shape, x, phi, alpha_b, ext, &dh),
+        Device::Cuda(_) => crate::gpu::mhc::coeffs_backward(shape, x, phi, alpha_b, ext, &dh, None),
         other => bail!("{op}: no implementation for device {:?}", other.location()),
     }
 }
