@@ -402,31 +402,50 @@ template <int N> struct ProductFor<mhc_bf16, N> {
 };
 #endif
 
-// Starts the copies of the thread's share of x rows t0 .. t0 + PROJ_TOKENS, columns e0 ..
-// e0 + CHUNK into one stage. Rows past the last token read the last token (their results are
-// dropped); columns at or past e_end are zeros (they must not add to P or the sum of squares).
-// Rows that are not 16-byte aligned (D not a multiple of VEC, or an offset view) are copied
-// element by element, at once.
-template <typename T>
-__device__ __forceinline__ void copy_x_step(T* __restrict__ stage, const T* __restrict__ x, long long t0,
-                                            long long tokens, long long D, long long e0, long long e_end, bool vec) {
+// The thread's share of the x copies, one step after another: PROJ_COPIES 16-byte pieces per
+// step, piece i at row r + i * PROJ_ROW_STEP (r = threadIdx.x / PROJ_ROW_COPIES), column
+// (threadIdx.x % PROJ_ROW_COPIES) * VEC of the block's tile. The source is one pointer (piece 0)
+// and a row step, set once, and each step moves the pointer CHUNK columns on: the per-step
+// 64-bit row arithmetic had been a fifth of the projection's instructions. Pieces past the
+// last token or at or past the slice's end are zeros (their results are dropped, and they must
+// not add to P or the sum of squares). Rows that are not 16-byte aligned (D not a multiple of
+// VEC, or an offset view) are copied element by element, at once.
+template <typename T> struct XCopies {
     using S = ProjStep<T>;
-#pragma unroll
-    for (int i = 0; i < PROJ_COPIES; ++i) {
-        const int v = threadIdx.x + PROJ_THREADS * i;
-        const int row = v / PROJ_ROW_COPIES, col = (v % PROJ_ROW_COPIES) * S::VEC;
-        const long long t = t0 + row < tokens ? t0 + row : tokens - 1;
-        const long long e = e0 + col;
-        const T* src = x + t * D + e;
-        T* dst = stage + row * S::XS + col;
-        if (vec) {
-            mhc_copy16_async(dst, e < e_end ? src : x, e < e_end);
-        } else {
-#pragma unroll
-            for (int q = 0; q < S::VEC; ++q) dst[q] = e + q < e_end ? src[q] : from_f32<T>(0.0f);
-        }
+    const T* src;        // the next step's piece 0 in x
+    int row_step;        // elements from one piece's row to the next's (an int: rows of D < 2^27)
+    int rows_in;         // pieces whose token exists: i < rows_in
+    int left;            // the slice's columns from the next step's first on
+    int col;             // the pieces' column in the tile
+
+    __device__ XCopies(const T* __restrict__ x, long long t0, long long tokens, long long D, long long e_begin,
+                       long long e_end) {
+        const int r = threadIdx.x / PROJ_ROW_COPIES;
+        col = (threadIdx.x % PROJ_ROW_COPIES) * S::VEC;
+        left = (int)(e_end - e_begin);
+        row_step = (int)(PROJ_ROW_STEP * D);
+        const long long rows = tokens - t0 - r;  // this thread's rows from r on (may be <= 0)
+        rows_in = rows <= 0 ? 0 : (int)((rows + PROJ_ROW_STEP - 1) / PROJ_ROW_STEP);
+        src = x + (rows_in > 0 ? (t0 + r) * D + e_begin + col : 0);
     }
-}
+    // Starts the next step's copies into `stage`.
+    __device__ __forceinline__ void issue_next(T* __restrict__ stage, bool vec) {
+        const T* from = src;
+#pragma unroll
+        for (int i = 0; i < PROJ_COPIES; ++i, from += row_step) {
+            T* dst = stage + (threadIdx.x / PROJ_ROW_COPIES + PROJ_ROW_STEP * i) * S::XS + col;
+            const bool row_ok = i < rows_in;
+            if (vec) {
+                mhc_copy16_async(dst, from, row_ok && col < left);  // zero-filled when false, not read
+            } else {
+#pragma unroll
+                for (int q = 0; q < S::VEC; ++q) dst[q] = row_ok && col + q < left ? from[q] : from_f32<T>(0.0f);
+            }
+        }
+        src += S::CHUNK;
+        left -= S::CHUNK;
+    }
+};
 
 // The matching phi rows e0 .. e0 + CHUNK: one contiguous run of CHUNK * k floats (zero past
 // e_end), in float4s: float4 idx = threadIdx.x + i * PROJ_THREADS of the run in pf[i] (k is a
@@ -497,8 +516,9 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
 #pragma unroll
     for (int i = 0; i < PROJ_COPIES; ++i) sum_sq[i] = 0.0f;
 #pragma unroll
+    XCopies<T> copies(x, t0, tokens, D, e_begin, e_end);
     for (int s = 0; s < PROJ_STAGES - 1; ++s) {
-        if (s < steps) copy_x_step(xs + s * S::STAGE, x, t0, tokens, D, e_begin + s * CHUNK, e_end, vec);
+        if (s < steps) copies.issue_next(xs + s * S::STAGE, vec);
         mhc_copy_commit();
     }
     const bool phi_aligned = ((unsigned long long)phi) % 16 == 0;
@@ -509,9 +529,7 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
         mhc_copy_wait<PROJ_STAGES - 2>();  // this thread's copies of this step have landed
         __syncthreads();  // everyone's have; everyone is done with the previous step's tiles
         const int ahead = step + PROJ_STAGES - 1;
-        if (ahead < steps)
-            copy_x_step(xs + (ahead % PROJ_STAGES) * S::STAGE, x, t0, tokens, D, e_begin + (long long)ahead * CHUNK,
-                        e_end, vec);
+        if (ahead < steps) copies.issue_next(xs + (ahead % PROJ_STAGES) * S::STAGE, vec);
         mhc_copy_commit();
         const T* stage = xs + (step % PROJ_STAGES) * S::STAGE;
 #pragma unroll
@@ -997,60 +1015,69 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     const bool vec_out = pack_ok<bf16, 8>(dx, D);
 
     // The thread's one copy per tensor and chunk: row cr of the chunk, columns cc .. cc + 8 of
-    // the block's slice (the same map stages every tensor and writes dx out). Its offsets are
-    // set once; a chunk moves them by TOKC rows (the per-chunk 64-bit index arithmetic, du's
-    // modulo included, had been a good part of the pass's instructions).
+    // the block's slice (the same map stages every tensor and writes dx out). Chunks are issued,
+    // and written out, in order, so each keeps a cursor into its tensors that a chunk moves TOKC
+    // rows on: the per-chunk 64-bit index arithmetic (du's modulo included) had been a good part
+    // of the pass's instructions.
     static_assert(M::COPIES == 1, "one 16-byte copy per thread and tensor per chunk");
     const int cr = threadIdx.x / (COLS / 8), cc = (threadIdx.x % (COLS / 8)) * 8;
     const long long ev = e_base + cc;          // the copy's first column of D
     const long long du_col = SUM ? ev % C : 0;  // its column of du (one stream when vec)
     const int copy_at = cr * LDX + cc;          // its place in a stage
-    auto stage = [&](bf16* dst, const bf16* src, long long t, bool du_row, bool valid) {
-        const long long row_len = du_row ? C : D;
+    const bool col_ok = ev < D;
+    // Element offsets of the copy's next row: in x and dx_post, and in du; and of the next row
+    // of dx to write out. The dp rows and H_pre values (thread r * (ROW / 4) + part copies row
+    // r's part, and for SUM thread r * N + j row r's H_pre[j]) keep their per-chunk index: few
+    // threads copy them, and their cursors would cost the others registers.
+    const long long first_row = t_begin + cr;
+    const int rows_here = (int)(t_end - first_row);  // rows of this thread's copies
+    long long x_at = first_row * D, du_at = SUM ? first_row * C : 0, out_at = x_at;
+    auto stage = [&](bf16* dst, const bf16* row, bool du_row, bool valid) {
         if (vec) {
-            mhc_copy16_async(dst, valid ? src + t * row_len + (du_row ? du_col : ev) : src, valid);
+            mhc_copy16_async(dst, row + (du_row ? du_col : ev), valid);  // zero-filled when invalid, not read
         } else {
 #pragma unroll 1
             for (int q = 0; q < 8; ++q) {
                 const bool ok = valid && ev + q < D;
-                dst[q] = ok ? src[t * row_len + (du_row ? (ev + q) % C : ev + q)] : mhc_f32_to_bf16(0.0f);
+                dst[q] = ok ? row[du_row ? (ev + q) % C : ev + q] : mhc_f32_to_bf16(0.0f);
             }
         }
     };
     auto issue = [&](int chunk) {
         const int st = chunk % STAGES;
-        const long long tc = t_begin + (long long)chunk * TOKC;
-        const long long t = tc + cr;
-        const bool valid = t < t_end && ev < D;
+        const bool valid = chunk * TOKC < rows_here && col_ok;
         const int at = st * STAGE + copy_at;
-        stage(s_x + at, x, t, false, valid);
+        stage(s_x + at, x + x_at, false, valid);
         if (SUM) {
-            stage(s_post + at, dx_post, t, false, valid);
-            stage(s_du + at, du, t, true, valid);
+            stage(s_post + at, dx_post + x_at, false, valid);
+            stage(s_du + at, du + du_at, true, valid);
+            du_at += TOKC * C;
         }
+        x_at += TOKC * D;
+        const long long tc = t_begin + (long long)chunk * TOKC;
         if (threadIdx.x < TOKC * ROW / 4) {
             const int r = threadIdx.x / (ROW / 4), part = threadIdx.x % (ROW / 4);
-            const bool row_ok = tc + r < t_end;
-            mhc_copy16_async(&s_dp[st][r * ROW + part * 4], row_ok ? dp + (tc + r) * ROW + part * 4 : dp, row_ok);
+            mhc_copy16_async(&s_dp[st][r * ROW + part * 4], dp + (tc + r) * ROW + part * 4, tc + r < t_end);
         }
         if (SUM && threadIdx.x < TOKC * N) {
             const int r = threadIdx.x / N, j = threadIdx.x % N;
-            const bool row_ok = tc + r < t_end;
-            mhc_copy4_async(&s_hpre[st][threadIdx.x], row_ok ? h + (tc + r) * K + j : h, row_ok);
+            mhc_copy4_async(&s_hpre[st][threadIdx.x], h + (tc + r) * K + j, tc + r < t_end);
         }
     };
     // A chunk's dx, left in its x stage by the epilogue, to global memory in whole rows of the
     // block's slice (16-byte stores; the epilogue's own 16 x 16 tiles, 32 bytes of a row per
     // store, left the pass bound by L2 traffic at ~1.2 TB/s).
     auto write_out = [&](int chunk) {
-        const long long t = t_begin + (long long)chunk * TOKC + cr;
-        if (t >= t_end || ev >= D) return;
         const bf16* src = s_x + (chunk % STAGES) * STAGE + copy_at;
-        if (vec_out && ev + 8 <= D) {
-            *reinterpret_cast<Pack8*>(dx + t * D + ev) = *reinterpret_cast<const Pack8*>(src);
-        } else {
+        bf16* out = dx + out_at + ev;
+        out_at += TOKC * D;
+        if (chunk * TOKC < rows_here && col_ok) {
+            if (vec_out && ev + 8 <= D) {
+                *reinterpret_cast<Pack8*>(out) = *reinterpret_cast<const Pack8*>(src);
+            } else {
 #pragma unroll 1
-            for (int q = 0; q < 8 && ev + q < D; ++q) dx[t * D + ev + q] = src[q];
+                for (int q = 0; q < 8 && ev + q < D; ++q) out[q] = src[q];
+            }
         }
     };
 #pragma unroll
