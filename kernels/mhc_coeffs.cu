@@ -515,8 +515,8 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
     float sum_sq[PROJ_COPIES];
 #pragma unroll
     for (int i = 0; i < PROJ_COPIES; ++i) sum_sq[i] = 0.0f;
-#pragma unroll
     XCopies<T> copies(x, t0, tokens, D, e_begin, e_end);
+#pragma unroll
     for (int s = 0; s < PROJ_STAGES - 1; ++s) {
         if (s < steps) copies.issue_next(xs + s * S::STAGE, vec);
         mhc_copy_commit();
