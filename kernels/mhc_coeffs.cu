@@ -80,44 +80,52 @@ __device__ void sinkhorn_backward(const float (&l)[N][N], float (&dm)[N][N], int
 #pragma unroll
         for (int j = 0; j < N; ++j) m[i][j] = l[i][j];
     sinkhorn<N>(m, iters, den, stride);
-    // The denominators of the next half-step down are loaded while this one computes: the walk
-    // is a chain of 2 * iters dependent half-steps, each otherwise waiting on its loads.
-    float d[N], d_next[N];
+    // The walk goes down one iteration (its row half-step, then its column half-step) at a time;
+    // the next iteration's 2n denominators are loaded while this one computes (the walk is a
+    // chain of 2 * iters dependent half-steps, each otherwise waiting on its loads).
+    float d_row[N], d_col[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) d_next[i] = iters > 0 ? den[((2 * iters - 1) * N + i) * stride] : 1.0f;
-    for (int h = 2 * iters - 1; h >= 0; --h) {
+    for (int i = 0; i < N; ++i) {
+        d_row[i] = iters > 0 ? den[((2 * iters - 1) * N + i) * stride] : 1.0f;
+        d_col[i] = iters > 0 ? den[((2 * iters - 2) * N + i) * stride] : 1.0f;
+    }
+    for (int it = iters - 1; it >= 0; --it) {
+        float next_row[N], next_col[N];
 #pragma unroll
-        for (int i = 0; i < N; ++i) d[i] = d_next[i];
-        if (h > 0) {
-#pragma unroll
-            for (int i = 0; i < N; ++i) d_next[i] = den[((h - 1) * N + i) * stride];
+        for (int i = 0; i < N; ++i) {
+            next_row[i] = it > 0 ? den[((2 * it - 1) * N + i) * stride] : 1.0f;
+            next_col[i] = it > 0 ? den[((2 * it - 2) * N + i) * stride] : 1.0f;
         }
-        if (h & 1) {
+        // Rows (half-step 2 it + 1): dX = (dY - <dY, Y>_row) / den_row, X = Y den_row.
 #pragma unroll
-            for (int i = 0; i < N; ++i) {
-                float dot = 0.0f;
+        for (int i = 0; i < N; ++i) {
+            float dot = 0.0f;
 #pragma unroll
-                for (int j = 0; j < N; ++j) dot += dm[i][j] * m[i][j];
-                const float inv = mhc_rcp(d[i]);
-#pragma unroll
-                for (int j = 0; j < N; ++j) {
-                    dm[i][j] = (dm[i][j] - dot) * inv;
-                    m[i][j] *= d[i];
-                }
-            }
-        } else {
+            for (int j = 0; j < N; ++j) dot += dm[i][j] * m[i][j];
+            const float inv = mhc_rcp(d_row[i]);
 #pragma unroll
             for (int j = 0; j < N; ++j) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int i = 0; i < N; ++i) dot += dm[i][j] * m[i][j];
-                const float inv = mhc_rcp(d[j]);
-#pragma unroll
-                for (int i = 0; i < N; ++i) {
-                    dm[i][j] = (dm[i][j] - dot) * inv;
-                    m[i][j] *= d[j];
-                }
+                dm[i][j] = (dm[i][j] - dot) * inv;
+                m[i][j] *= d_row[i];
             }
+        }
+        // Columns (half-step 2 it): likewise along each column.
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < N; ++i) dot += dm[i][j] * m[i][j];
+            const float inv = mhc_rcp(d_col[j]);
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                dm[i][j] = (dm[i][j] - dot) * inv;
+                m[i][j] *= d_col[j];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            d_row[i] = next_row[i];
+            d_col[i] = next_col[i];
         }
     }
     // dL = dM0 * M0, and through the subtracted max m = L[argmax] (first largest, row-major, as
