@@ -237,6 +237,7 @@ template <typename T> struct ProjStep {
 // of group g (8 groups), so per element of D it reads 4 x values (rows 16 apart) and KC phi
 // values (one address per group: broadcasts).
 template <typename T, int N> struct FmaProduct {
+    static constexpr bool SUMS_SQUARES = false;  // the kernel adds x^2 with FFMA
     static constexpr int K = N * N + 2 * N;
     static constexpr int KC = (K + 7) / 8;
     static constexpr int CHUNK = ProjStep<T>::CHUNK;
@@ -274,7 +275,7 @@ template <typename T, int N> struct FmaProduct {
             }
         }
     }
-    __device__ void store(float* out) const {
+    __device__ void store(float* out, float*) const {  // sums of squares: the kernel's own
         const int q = threadIdx.x % 16, g = threadIdx.x / 16;
 #pragma unroll
         for (int i = 0; i < 4; ++i)
@@ -303,7 +304,13 @@ __device__ __forceinline__ SplitBf16 split_bf16(float v) {
 // each phi fragment it loads feeds two MMAs. (One row tile per warp over the whole step read
 // 40 KB of shared memory per step and block, the kernel's busiest pipe; this reads 24 KB.) The
 // two halves' sums meet in `store`.
+//
+// The sums of squares come from the tensor cores too: sq[r] += X_r X_r^T over the same slices
+// (B = the staged rows read column-major), whose diagonal is each token's sum of x^2 (exact
+// products of bf16 values, f32 sums, as with FFMA). Its 16x waste costs 2 MMAs per slice and row
+// tile; the FFMA form spent ~70 instructions per thread and step unpacking and squaring x.
 template <int N> struct MmaProduct {
+    static constexpr bool SUMS_SQUARES = true;
     static constexpr int K = N * N + 2 * N;
     static constexpr int KP = (K + 15) / 16 * 16;
     static constexpr int TILES = KP / 16;
@@ -321,13 +328,15 @@ template <int N> struct MmaProduct {
         mhc_bf16 phi_hi[(CHUNK + 2) * PS];
         mhc_bf16 phi_lo[(CHUNK + 2) * PS];
     };
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][TILES];
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][TILES], sq[2];
 
     __device__ void init() {
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
+        for (int r = 0; r < 2; ++r) {
 #pragma unroll
             for (int n = 0; n < TILES; ++n) nvcuda::wmma::fill_fragment(acc[r][n], 0.0f);
+            nvcuda::wmma::fill_fragment(sq[r], 0.0f);
+        }
     }
     __device__ void stage_phi(Shared& s, int at, float v) {
         const SplitBf16 p = split_bf16(v);
@@ -357,6 +366,12 @@ template <int N> struct MmaProduct {
             wmma::load_matrix_sync(a[0], rows + 16 * ks, XS);
             wmma::load_matrix_sync(a[1], rows + 16 * XS + 16 * ks, XS);
 #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> xt;
+                wmma::load_matrix_sync(xt, rows + 16 * r * XS + 16 * ks, XS);
+                wmma::mma_sync(sq[r], a[r], xt, sq[r]);
+            }
+#pragma unroll
             for (int n = 0; n < TILES; ++n) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
                 wmma::load_matrix_sync(b, &s.phi_hi[16 * ks * PS + 16 * n], PS);
@@ -368,11 +383,23 @@ template <int N> struct MmaProduct {
             }
         }
     }
-    // The second half's warps store their sums in place; the first half's add theirs to them.
+    // The sums of squares first: each warp's sq tiles go to `out` as scratch ([warp][r][16 x 16];
+    // the caller's buffer holds 8 KB),
+    // and the first 64 threads add the two halves' diagonals into sum_sq[token]. Then the
+    // second half's warps store their P sums in place, and the first half's add theirs to them.
     // Every thread of the block calls it.
-    __device__ void store(float* out) {
+    __device__ void store(float* out, float* __restrict__ sum_sq) {
         using namespace nvcuda;
         const int warp = threadIdx.x / 32;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) wmma::store_matrix_sync(out + (2 * warp + r) * 256, sq[r], 16, wmma::mem_row_major);
+        __syncthreads();
+        // Token row 32 (w % 2) + 16 r + d: its diagonal entries in warps w % 2 and w % 2 + 2.
+        if (threadIdx.x < PROJ_TOKENS) {
+            const int w = threadIdx.x / 32, r = (threadIdx.x / 16) % 2, d = threadIdx.x % 16;
+            sum_sq[threadIdx.x] = out[(2 * w + r) * 256 + 17 * d] + out[(2 * (w + 2) + r) * 256 + 17 * d];
+        }
+        __syncthreads();
         float* tile = out + 32 * (warp % 2) * OUT_STRIDE;
         if (warp / 2 == 1) {
 #pragma unroll
@@ -509,7 +536,8 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
     using PhiLoad = typename Select<PHI_VEC, float4, float>::type;
     // The x stages, then (after the last step) the product's result in the same bytes.
     __shared__ __align__(128) T xs[PROJ_STAGES * S::STAGE];
-    static_assert(sizeof(xs) >= PROJ_TOKENS * Product::OUT_STRIDE * sizeof(float), "result fits the stages");
+    static_assert(sizeof(xs) >= PROJ_TOKENS * Product::OUT_STRIDE * sizeof(float) && sizeof(xs) >= 8 * 1024,
+                  "the result (and MmaProduct's 8 KB of square sums) fit the stages");
     __shared__ __align__(32) typename Product::Shared staged;
     __shared__ float s_sum_sq[PROJ_TOKENS];
 
@@ -540,15 +568,17 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
         if (ahead < steps) copies.issue_next(xs + (ahead % PROJ_STAGES) * S::STAGE, vec);
         mhc_copy_commit();
         const T* stage = xs + (step % PROJ_STAGES) * S::STAGE;
+        if constexpr (!Product::SUMS_SQUARES) {
 #pragma unroll
-        for (int i = 0; i < PROJ_COPIES; ++i) {
-            const int v = threadIdx.x + PROJ_THREADS * i;
-            const T* own = stage + (v / PROJ_ROW_COPIES) * S::XS + (v % PROJ_ROW_COPIES) * S::VEC;
-            const Pack<T, S::VEC> pk = *reinterpret_cast<const Pack<T, S::VEC>*>(own);
+            for (int i = 0; i < PROJ_COPIES; ++i) {
+                const int v = threadIdx.x + PROJ_THREADS * i;
+                const T* own = stage + (v / PROJ_ROW_COPIES) * S::XS + (v % PROJ_ROW_COPIES) * S::VEC;
+                const Pack<T, S::VEC> pk = *reinterpret_cast<const Pack<T, S::VEC>*>(own);
 #pragma unroll
-            for (int q = 0; q < S::VEC; ++q) {
-                const float f = to_f32(pk.v[q]);
-                sum_sq[i] += f * f;
+                for (int q = 0; q < S::VEC; ++q) {
+                    const float f = to_f32(pk.v[q]);
+                    sum_sq[i] += f * f;
+                }
             }
         }
 #pragma unroll
@@ -564,19 +594,20 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
         if (step + 1 < steps) load_phi_step<K>(phi, e0 + CHUNK, e_end, phi_aligned, pf);
         product.multiply(stage, staged);
     }
-    // Row sums of squares: the PROJ_ROW_COPIES lanes that copied a row are neighbours in one wave.
+    // Row sums of squares (FFMA form): the PROJ_ROW_COPIES lanes that copied a row are
+    // neighbours in one wave.
 #pragma unroll
     for (int i = 0; i < PROJ_COPIES; ++i)
 #pragma unroll
         for (int m = 1; m < PROJ_ROW_COPIES; m *= 2) sum_sq[i] += mhc_shfl_xor(sum_sq[i], m);
     mhc_copy_wait<0>();
     __syncthreads();  // the stages are consumed; the result goes over them
-    if (threadIdx.x % PROJ_ROW_COPIES == 0) {
+    if (!Product::SUMS_SQUARES && threadIdx.x % PROJ_ROW_COPIES == 0) {
 #pragma unroll
         for (int i = 0; i < PROJ_COPIES; ++i) s_sum_sq[threadIdx.x / PROJ_ROW_COPIES + PROJ_ROW_STEP * i] = sum_sq[i];
     }
     float* result = reinterpret_cast<float*>(xs);
-    product.store(result);
+    product.store(result, s_sum_sq);
     __syncthreads();
     for (int idx = threadIdx.x; idx < PROJ_TOKENS * (K + 1); idx += PROJ_THREADS) {
         const int row = idx / (K + 1), c = idx % (K + 1);
