@@ -16,6 +16,7 @@
 //!
 //! Coefficients, parameters and their gradients are O(T*k + n*C*k) and left out.
 
+use super::mhc::CoeffsGrad;
 use crate::bench::report::{
     Diff, LayerConfig, Measurement, FUSED_BF16, FUSED_F32, REF_BF16, REF_F32,
 };
@@ -465,6 +466,15 @@ impl Bench {
             let dh = Tensor::randn(0f32, 1.0, h.dims(), device)?;
             let y = Tensor::randn(0f32, 1.0, (tokens, width), device)?.to_dtype(dtype)?;
             let g = Tensor::randn(0f32, 1.0, x.dims(), device)?.to_dtype(dtype)?;
+            let grad = CoeffsGrad {
+                shape: &shape,
+                x: &x,
+                phi: &phi,
+                alpha_b: &alpha_b,
+                ext: &ext,
+                dh: &dh,
+                dh_pre: None,
+            };
             let elem = dtype.size_in_bytes() as f64;
             let (xb, ub) = (
                 (tokens * streams * width) as f64 * elem,
@@ -485,7 +495,7 @@ impl Bench {
                     "coeffs bwd",
                     2.0 * xb,
                     Box::new(|| {
-                        super::mhc::coeffs_backward(&shape, &x, &phi, &alpha_b, &ext, &dh, None)?;
+                        super::mhc::coeffs_backward(&grad)?;
                         Ok(())
                     }),
                 ),
@@ -526,18 +536,11 @@ impl Bench {
                     3.0 * xb + ub,
                     Box::new(|| {
                         // pre's dh handed over as the trainer's chain does (dh stands in).
-                        super::chain::coeffs_backward_sum(
-                            &shape,
-                            &x,
-                            &phi,
-                            &alpha_b,
-                            &ext,
-                            &dh,
-                            Some(&dh),
-                            &g,
-                            &y,
-                            &h,
-                        )?;
+                        let grad = CoeffsGrad {
+                            dh_pre: Some(&dh),
+                            ..grad
+                        };
+                        super::chain::coeffs_backward_sum(&grad, &g, &y, &h)?;
                         Ok(())
                     }),
                 ),

@@ -5,37 +5,29 @@
 
 use super::mhc::{
     alloc_out, cfg, check_dims, coeffs_backward_token, cuda_storage, dispatch_storage, function,
-    limits, tensor, view, wrap,
+    limits, tensor, view, wrap, CoeffsGrad,
 };
 use super::COEFFS_BWD_X_SUM;
-use crate::mhc::MhcShape;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Result, Storage, Tensor};
 
 /// Dynamic-mode coefficient backward that also sums the sublayer's other dx contributions:
-/// (dx = dx_post + H_pre (x) du + phi dP^T + coef x, dphi, dalpha_b), from dh [T, k] = dL/dH
-/// (plus dh_pre's pre columns when given: pre's dh, handed over by the chain).
-/// dx_post [T, n, C] and du [T, C] are in x's dtype, h [T, k] f32.
-#[allow(clippy::too_many_arguments)]
+/// (dx = dx_post + H_pre (x) du + phi dP^T + coef x, dphi, dalpha_b). dx_post [T, n, C] and
+/// du [T, C] are in x's dtype, h [T, k] f32.
 pub fn coeffs_backward_sum(
-    shape: &MhcShape,
-    x: &Tensor,
-    phi: &Tensor,
-    alpha_b: &Tensor,
-    ext: &Tensor,
-    dh: &Tensor,
-    dh_pre: Option<&Tensor>,
+    g: &CoeffsGrad,
     dx_post: &Tensor,
     du: &Tensor,
     h: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "mhc-coeffs backward (chained)";
+    let (shape, x, phi) = (g.shape, g.x, g.phi);
     dispatch_storage!(op, x.dtype(), T => {
         if !shape.dynamic {
             bail!("{op}: static mode has no pass over x")
         }
-        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, dh, dh_pre)?;
+        let (dp, dalpha_b) = coeffs_backward_token(op, g)?;
         let (n, c, k) = (shape.streams, shape.width, shape.k());
         let tokens = x.dims()[0];
         let d = n * c;

@@ -313,21 +313,26 @@ pub fn coeffs_forward(
     })
 }
 
-/// CoeffsOp backward from dh [T, k] = dL/dH (plus `dh_pre`'s pre columns when given, as
-/// `coeffs_backward_token` adds them): (dx, dphi, dalpha_b); dx and dphi are None in static mode.
-#[allow(clippy::too_many_arguments)]
-pub fn coeffs_backward(
-    shape: &MhcShape,
-    x: &Tensor,
-    phi: &Tensor,
-    alpha_b: &Tensor,
-    ext: &Tensor,
-    dh: &Tensor,
-    dh_pre: Option<&Tensor>,
-) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
+/// What the coefficient backward reads: the forward's inputs x, phi, alpha_b and its ext, and
+/// dL/dH as dh [T, k] plus, when given, `dh_pre`'s pre columns (pre's dh, which the chained
+/// backward hands over here rather than have autograd add the two).
+#[derive(Clone, Copy)]
+pub struct CoeffsGrad<'a> {
+    pub shape: &'a MhcShape,
+    pub x: &'a Tensor,
+    pub phi: &'a Tensor,
+    pub alpha_b: &'a Tensor,
+    pub ext: &'a Tensor,
+    pub dh: &'a Tensor,
+    pub dh_pre: Option<&'a Tensor>,
+}
+
+/// CoeffsOp backward: (dx, dphi, dalpha_b); dx and dphi are None in static mode.
+pub fn coeffs_backward(g: &CoeffsGrad) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
     let op = "mhc-coeffs backward";
+    let (shape, x, phi) = (g.shape, g.x, g.phi);
     dispatch_storage!(op, x.dtype(), T => {
-        let (dp, dalpha_b) = coeffs_backward_token(op, shape, x, phi, alpha_b, ext, dh, dh_pre)?;
+        let (dp, dalpha_b) = coeffs_backward_token(op, g)?;
         if !shape.dynamic {
             return Ok((None, None, dalpha_b));
         }
@@ -360,19 +365,17 @@ pub fn coeffs_backward(
 
 /// The per-token stage of the coefficient backward (activations, Sinkhorn VJP): dp [T,
 /// bwd_row_len] (dP and coef per token, in the row layout of the pass over x that reads it) and
-/// dalpha_b [3 + k]. dL/dH is dh [T, k], its pre columns plus those of `dh_pre` [T, k] when given:
-/// the chained backward hands pre's dh over here rather than have autograd add the two.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn coeffs_backward_token(
-    op: &str,
-    shape: &MhcShape,
-    x: &Tensor,
-    phi: &Tensor,
-    alpha_b: &Tensor,
-    ext: &Tensor,
-    dh: &Tensor,
-    dh_pre: Option<&Tensor>,
-) -> Result<(CudaSlice<f32>, Tensor)> {
+/// dalpha_b [3 + k], the kernel adding dh_pre's pre columns to dh's.
+pub(super) fn coeffs_backward_token(op: &str, g: &CoeffsGrad) -> Result<(CudaSlice<f32>, Tensor)> {
+    let CoeffsGrad {
+        shape,
+        x,
+        phi,
+        alpha_b,
+        ext,
+        dh,
+        dh_pre,
+    } = *g;
     let (n, k) = (shape.streams, shape.k());
     let tokens = tokens_of(op, shape, x.dims())?;
     let d = n * shape.width;

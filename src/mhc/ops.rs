@@ -228,6 +228,16 @@ impl CustomOp3 for ChainedCoeffsOp {
         };
         let ext = &ext;
         #[cfg(feature = "cuda")]
+        let grad = crate::gpu::mhc::CoeffsGrad {
+            shape,
+            x,
+            phi,
+            alpha_b,
+            ext,
+            dh,
+            dh_pre: state.dh_pre.as_ref(),
+        };
+        #[cfg(feature = "cuda")]
         if x.device().is_cuda() && shape.dynamic {
             let tokens = x.dims()[0];
             let dx_post = match state.dx_post {
@@ -241,33 +251,15 @@ impl CustomOp3 for ChainedCoeffsOp {
                     Tensor::zeros((tokens, shape.k()), DType::F32, x.device())?,
                 ),
             };
-            let (dx, dphi, dalpha_b) = crate::gpu::chain::coeffs_backward_sum(
-                shape,
-                x,
-                phi,
-                alpha_b,
-                ext,
-                dh,
-                state.dh_pre.as_ref(),
-                &dx_post,
-                &du,
-                &h,
-            )?;
+            let (dx, dphi, dalpha_b) =
+                crate::gpu::chain::coeffs_backward_sum(&grad, &dx_post, &du, &h)?;
             return Ok((Some(dx), Some(dphi), Some(dalpha_b)));
         }
         // Static mode on CUDA (no pass over x to fuse into): pre's backward took post's dx and
         // returned the sublayer's dx; post's is still here only if pre's backward did not run.
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let (_, _, dalpha_b) = crate::gpu::mhc::coeffs_backward(
-                shape,
-                x,
-                phi,
-                alpha_b,
-                ext,
-                dh,
-                state.dh_pre.as_ref(),
-            )?;
+            let (_, _, dalpha_b) = crate::gpu::mhc::coeffs_backward(&grad)?;
             return Ok((state.dx_post, None, Some(dalpha_b)));
         }
         // CPU: add the contributions in f32 (f64 for f64 storage) and round once.
@@ -585,7 +577,15 @@ pub fn coeffs_backward(
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => crate::gpu::mhc::coeffs_backward(shape, x, phi, alpha_b, ext, &dh, None),
+        Device::Cuda(_) => crate::gpu::mhc::coeffs_backward(&crate::gpu::mhc::CoeffsGrad {
+            shape,
+            x,
+            phi,
+            alpha_b,
+            ext,
+            dh: &dh,
+            dh_pre: None,
+        }),
         other => bail!("{op}: no implementation for device {:?}", other.location()),
     }
 }
