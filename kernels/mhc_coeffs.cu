@@ -639,7 +639,7 @@ __device__ void coeffs_finish(const float* __restrict__ partial, const float* __
     constexpr int EXT = 2 * K + 1;
     // Slices summed per round trip to L2: about 32 loads in flight per thread (16 took 12 us at
     // T = 1024, C = 2560 on an H200, where the projection writes 40 slices).
-    constexpr int SLICE_UNROLL = PER_THREAD >= 32 ? 1 : 32 / PER_THREAD;
+    [[maybe_unused]] constexpr int SLICE_UNROLL = PER_THREAD >= 32 ? 1 : 32 / PER_THREAD;  // read by nvcc's pragma
     __shared__ float sums[RUN];
     __shared__ float ext_tile[FINISH_TOKENS * EXT];
     const long long t0 = blockIdx.x * (long long)FINISH_TOKENS;
@@ -663,7 +663,7 @@ __device__ void coeffs_finish(const float* __restrict__ partial, const float* __
         if (e < RUN) sums[e] = acc[i];
     }
     __syncthreads();
-    if (threadIdx.x < nt) {
+    if ((int)threadIdx.x < nt) {
         const float* row = sums + threadIdx.x * ROW;
         float p[K];
 #pragma unroll
