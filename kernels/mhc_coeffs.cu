@@ -383,16 +383,16 @@ template <int N> struct MmaProduct {
             }
         }
     }
-    // The sums of squares first: each warp's sq tiles go to `out` as scratch ([warp][r][16 x 16];
-    // the caller's buffer holds 8 KB),
-    // and the first 64 threads add the two halves' diagonals into sum_sq[token]. Then the
-    // second half's warps store their P sums in place, and the first half's add theirs to them.
-    // Every thread of the block calls it.
+    // The sums of squares first: each warp's sq tiles go to `out` as scratch ([warp][r][16 x 16],
+    // 8 KB, which the caller's buffer holds) and the first 64 threads add the two halves'
+    // diagonals into sum_sq[token]. Then the second half's warps store their P sums in place,
+    // and the first half's add theirs to them. Every thread of the block calls it.
     __device__ void store(float* out, float* __restrict__ sum_sq) {
         using namespace nvcuda;
         const int warp = threadIdx.x / 32;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) wmma::store_matrix_sync(out + (2 * warp + r) * 256, sq[r], 16, wmma::mem_row_major);
+        for (int r = 0; r < 2; ++r)
+            wmma::store_matrix_sync(out + (2 * warp + r) * 256, sq[r], 16, wmma::mem_row_major);
         __syncthreads();
         // Token row 32 (w % 2) + 16 r + d: its diagonal entries in warps w % 2 and w % 2 + 2.
         if (threadIdx.x < PROJ_TOKENS) {
