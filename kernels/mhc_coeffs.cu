@@ -548,7 +548,7 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
     const bool vec = pack_ok<T, S::VEC>(x, D);
     Product product;
     product.init();
-    float sum_sq[PROJ_COPIES];
+    float sum_sq[PROJ_COPIES];  // per copied row, FFMA form only (MmaProduct sums its own)
 #pragma unroll
     for (int i = 0; i < PROJ_COPIES; ++i) sum_sq[i] = 0.0f;
     XCopies<T> copies(x, t0, tokens, D, e_begin, e_end);
@@ -594,17 +594,20 @@ __device__ void coeffs_project(const T* __restrict__ x, const float* __restrict_
         if (step + 1 < steps) load_phi_step<K>(phi, e0 + CHUNK, e_end, phi_aligned, pf);
         product.multiply(stage, staged);
     }
-    // Row sums of squares (FFMA form): the PROJ_ROW_COPIES lanes that copied a row are
-    // neighbours in one wave.
-#pragma unroll
-    for (int i = 0; i < PROJ_COPIES; ++i)
-#pragma unroll
-        for (int m = 1; m < PROJ_ROW_COPIES; m *= 2) sum_sq[i] += mhc_shfl_xor(sum_sq[i], m);
     mhc_copy_wait<0>();
     __syncthreads();  // the stages are consumed; the result goes over them
-    if (!Product::SUMS_SQUARES && threadIdx.x % PROJ_ROW_COPIES == 0) {
+    if constexpr (!Product::SUMS_SQUARES) {
+        // Row sums of squares (FFMA form): the PROJ_ROW_COPIES lanes that copied a row are
+        // neighbours in one wave.
 #pragma unroll
-        for (int i = 0; i < PROJ_COPIES; ++i) s_sum_sq[threadIdx.x / PROJ_ROW_COPIES + PROJ_ROW_STEP * i] = sum_sq[i];
+        for (int i = 0; i < PROJ_COPIES; ++i)
+#pragma unroll
+            for (int m = 1; m < PROJ_ROW_COPIES; m *= 2) sum_sq[i] += mhc_shfl_xor(sum_sq[i], m);
+        if (threadIdx.x % PROJ_ROW_COPIES == 0) {
+#pragma unroll
+            for (int i = 0; i < PROJ_COPIES; ++i)
+                s_sum_sq[threadIdx.x / PROJ_ROW_COPIES + PROJ_ROW_STEP * i] = sum_sq[i];
+        }
     }
     float* result = reinterpret_cast<float*>(xs);
     product.store(result, s_sum_sq);
