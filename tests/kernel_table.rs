@@ -165,12 +165,16 @@ fn rms_norm_launch_rules() {
     assert_eq!(fwd.block, 160);
     // Grid-stride: at most BLOCKS_PER_MULTIPROCESSOR (32) blocks per multiprocessor.
     assert_eq!(fwd.grid, (32 * 132, 1));
+    // The backward's grid holds the threads of ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR (4) full
+    // blocks per multiprocessor: 4 * 256 / 160 -> 6 blocks of 160 (960 threads, 64 registers
+    // each: within the 65536 of a multiprocessor), 4 blocks of 256.
     let bwd = RMS_NORM_BWD.row_geometry(&limits, DType::BF16, 16384, 1280);
     assert_eq!(bwd.block, 160);
-    assert_eq!(
-        bwd.grid,
-        ((ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * 132) as u32, 1)
-    );
+    assert_eq!(ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, 4);
+    assert_eq!(bwd.grid, (6 * 132, 1));
+    let wide = RMS_NORM_BWD.row_geometry(&limits, DType::BF16, 16384, 4096);
+    assert_eq!(wide.block, 256);
+    assert_eq!(wide.grid, (4 * 132, 1));
     // Fewer rows than the cap: one block per pair of rows (ACCUMULATE_ROWS_PER_BLOCK). Wide f32
     // rows: the block is capped at 256.
     assert_eq!(ACCUMULATE_ROWS_PER_BLOCK, 2);

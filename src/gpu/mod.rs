@@ -123,9 +123,10 @@ pub enum Grid {
     /// pass stages in shared memory (`bwd_x_shared_bytes`).
     SplitD { staged: usize },
     /// Grid-stride over rows, one block per `ACCUMULATE_ROWS_PER_BLOCK` rows at a time, at most
-    /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` blocks per multiprocessor: each block sums its
-    /// rows' share of a reduced output in registers and writes it once at the end into its own
-    /// row of a [blocks, ..] partial output, which the caller sums.
+    /// as many blocks per multiprocessor as hold the threads of
+    /// `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` full blocks (`accumulate_blocks_per_multiprocessor`):
+    /// each block sums its rows' share of a reduced output in registers and writes it once at the
+    /// end into its own row of a [blocks, ..] partial output, which the caller sums.
     RowsAccumulate,
     /// One block per `DGAMMA_SUM_COLUMNS` adjacent columns of the row width C.
     ColumnGroups,
@@ -140,9 +141,17 @@ pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
 /// `Grid::TokenTiles`: tokens per block (mirrors FINISH_TOKENS in kernels/mhc_coeffs.cu).
 pub const FINISH_TOKENS: usize = 16;
-/// `Grid::RowsAccumulate`: at most this many blocks per multiprocessor, all resident at once on
-/// NVIDIA (mirrors RN_BWD_MIN_BLOCKS in kernels/rms_norm.cu, whose registers are capped for it).
+/// `Grid::RowsAccumulate`: full (`MAX_BLOCK`) blocks per multiprocessor whose threads the grid
+/// fills, all resident at once on NVIDIA (mirrors RN_BWD_MIN_BLOCKS in kernels/rms_norm.cu,
+/// whose registers are capped for it).
 pub const ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR: usize = 4;
+/// `Grid::RowsAccumulate`: blocks of `block` threads per multiprocessor, as many as hold the
+/// threads (and so the registers) of `ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR` full blocks: six of
+/// the 160 threads of a 1280-wide bf16 row. (Four such blocks held a third fewer rows in flight:
+/// the RMSNorm backward at 16384 x 1280 bf16 took 52 us on an H200, against 44 with six.)
+pub fn accumulate_blocks_per_multiprocessor(block: usize) -> usize {
+    (ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * MAX_BLOCK / block.max(1)).max(1)
+}
 /// `Grid::RowsAccumulate`: rows a block takes at once (mirrors PAIR in kernels/rms_norm.cu); no
 /// more blocks than that fills, as every block's partial row costs as many bytes as a row.
 pub const ACCUMULATE_ROWS_PER_BLOCK: usize = 2;
@@ -367,7 +376,7 @@ impl KernelSpec {
                     blocks(
                         tokens,
                         ACCUMULATE_ROWS_PER_BLOCK,
-                        ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR * limits.multiprocessors.max(1),
+                        accumulate_blocks_per_multiprocessor(block) * limits.multiprocessors.max(1),
                     ),
                     1,
                 ),
