@@ -811,7 +811,7 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
 //   dx[t, e] = sum_c phi[e, c] dP[t, c] + coef[t] x[t, e]     (written once)
 //   dphi[e, c] += sum_t x[t, e] dP[t, c]                        (atomically added; caller zeroes)
 // Grid: x over the reduction axis D (BwdStep::COLS columns per block, one per thread: its k phi
-// values and k dphi sums live in registers), y over token ranges of `tokens_per_split`.
+// values and k dphi sums live in registers) and a token range (coeffs_backward_x below splits the work).
 //
 // SUM (the chained sublayer backward, docs/ops.md): dx also takes the other two contributions
 // of the sublayer, read in the same pass, so the sublayer's dx is written once:
@@ -843,8 +843,8 @@ template <typename T, int N, bool SUM>
 __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __restrict__ phi,
                                       const float* __restrict__ dp, const T* __restrict__ dx_post,
                                       const T* __restrict__ du, const float* __restrict__ h, T* __restrict__ dx,
-                                      float* __restrict__ dphi, long long tokens, long long D, long long C,
-                                      long long tokens_per_split) {
+                                      float* __restrict__ dphi, long long D, long long C, long long col_block,
+                                      long long t_begin, long long t_end) {
     using S = BwdStep<T>;
     constexpr int K = N * N + 2 * N;
     constexpr int KPAD = BwdRow<N>::KPAD;
@@ -857,7 +857,7 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
     __shared__ float s_hpre[SUM_STAGES][SUM ? TOKC * N : 1];
     static_assert(TOKC * KPAD / 4 <= COLS && TOKC * N <= COLS, "one dp/H_pre copy per thread");
 
-    const long long e_base = blockIdx.x * (long long)COLS;
+    const long long e_base = col_block * COLS;
     const long long e = e_base + threadIdx.x;
     const bool ok = e < D;
     const int stream = SUM && ok ? (int)(e / C) : 0;
@@ -867,9 +867,9 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
         ph[c] = ok ? phi[e * K + c] : 0.0f;
         acc[c] = 0.0f;
     }
-    const long long t_begin = blockIdx.y * tokens_per_split;
-    const long long t_end = t_begin + tokens_per_split < tokens ? t_begin + tokens_per_split : tokens;
-    const int chunks = t_begin < t_end ? (int)((t_end - t_begin + TOKC - 1) / TOKC) : 0;
+    // Rows by their place in the range (t_end is not kept: registers).
+    const int range_len = t_begin < t_end ? (int)(t_end - t_begin) : 0;
+    const int chunks = (range_len + TOKC - 1) / TOKC;
     const bool vec_x = pack_ok<T, VEC>(x, D) && (!SUM || pack_ok<T, VEC>(dx_post, D));
     // du's columns of this block are one contiguous run when the slice lies in one stream.
     const bool vec_du = SUM && pack_ok<T, VEC>(du, C) && e_base % C + COLS <= C && e_base + COLS <= D;
@@ -889,7 +889,7 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
         const int st = chunk % BWD_X_STAGES;
         const long long tc = t_begin + (long long)chunk * TOKC;
         const long long t = tc + r;
-        const bool t_ok = t < t_end;
+        const bool t_ok = chunk * TOKC + r < range_len;
         stage_tensor(&s_x[st][r * COLS + c0], x, t, t_ok, vec_x);
         if (SUM) {
             stage_tensor(&s_post[st][r * COLS + c0], dx_post, t, t_ok, vec_x);
@@ -905,13 +905,13 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
             }
             if (threadIdx.x < TOKC * N) {
                 const int row = threadIdx.x / N, j = threadIdx.x % N;
-                const bool row_ok = tc + row < t_end;
+                const bool row_ok = chunk * TOKC + row < range_len;
                 mhc_copy4_async(&s_hpre[st][threadIdx.x], row_ok ? h + (tc + row) * K + j : h, row_ok);
             }
         }
         if (threadIdx.x < TOKC * KPAD / 4) {
             const int row = threadIdx.x / (KPAD / 4), part = threadIdx.x % (KPAD / 4);
-            const bool row_ok = tc + row < t_end;
+            const bool row_ok = chunk * TOKC + row < range_len;
             mhc_copy16_async(&s_dp[st][row * KPAD + part * 4], row_ok ? dp + (tc + row) * KPAD + part * 4 : dp,
                              row_ok);
         }
@@ -928,7 +928,7 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
         mhc_copy_commit();
         const int st = chunk % BWD_X_STAGES;
         const long long tc = t_begin + (long long)chunk * TOKC;
-        const int nt = t_end - tc < TOKC ? (int)(t_end - tc) : TOKC;
+        const int nt = range_len - chunk * TOKC < TOKC ? range_len - chunk * TOKC : TOKC;
 #pragma unroll
         for (int g = 0; g < TOKC; ++g) {
             if (g >= nt) break;  // past this range's tokens
@@ -999,8 +999,8 @@ template <int N, bool SUM>
 __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const float* __restrict__ phi,
                                       const float* __restrict__ dp, const mhc_bf16* __restrict__ dx_post,
                                       const mhc_bf16* __restrict__ du, const float* __restrict__ h,
-                                      mhc_bf16* __restrict__ dx, float* __restrict__ dphi, long long tokens,
-                                      long long D, long long C, long long tokens_per_split) {
+                                      mhc_bf16* __restrict__ dx, float* __restrict__ dphi, long long D,
+                                      long long C, long long col_block, long long t_begin, long long t_end) {
     using namespace nvcuda;
     using M = MmaBwdX<N>;
     using bf16 = mhc_bf16;
@@ -1021,7 +1021,7 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     __shared__ float s_hpre[STAGES][SUM ? TOKC * N : 1];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const long long e_base = blockIdx.x * (long long)COLS;
+    const long long e_base = col_block * COLS;
     const int col = 16 * warp;  // the warp's tile: columns col .. col + 15 of the block's slice
     const long long e_warp = e_base + col;
 
@@ -1049,9 +1049,8 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
 #pragma unroll
     for (int nt = 0; nt < KT; ++nt) wmma::fill_fragment(acc_dphi[nt], 0.0f);
 
-    const long long t_begin = blockIdx.y * tokens_per_split;
-    const long long t_end = t_begin + tokens_per_split < tokens ? t_begin + tokens_per_split : tokens;
-    const int chunks = t_begin < t_end ? (int)((t_end - t_begin + TOKC - 1) / TOKC) : 0;
+    const int range_len = t_begin < t_end ? (int)(t_end - t_begin) : 0;
+    const int chunks = (range_len + TOKC - 1) / TOKC;
     // 16-byte copies: rows of x and dx_post aligned; du's 8-column groups each in one stream.
     const bool vec = pack_ok<bf16, 8>(x, D) && (!SUM || (pack_ok<bf16, 8>(dx_post, D) && pack_ok<bf16, 8>(du, C)));
     const bool vec_out = pack_ok<bf16, 8>(dx, D);
@@ -1072,7 +1071,7 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     // r's part, and for SUM thread r * N + j row r's H_pre[j]) keep their per-chunk index: few
     // threads copy them, and their cursors would cost the others registers.
     const long long first_row = t_begin + cr;
-    const int rows_here = (int)(t_end - first_row);  // rows of this thread's copies
+    const int rows_here = range_len - cr;  // rows of this thread's copies
     long long x_at = first_row * D, du_at = SUM ? first_row * C : 0, out_at = x_at;
     auto stage = [&](bf16* dst, const bf16* row, bool du_row, bool valid) {
         if (vec) {
@@ -1096,14 +1095,16 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
             du_at += TOKC * C;
         }
         x_at += TOKC * D;
-        const long long tc = t_begin + (long long)chunk * TOKC;
+        // The chunk's dp rows and H_pre values by their row in the range (t_end is not kept).
         if (threadIdx.x < TOKC * ROW / 4) {
             const int r = threadIdx.x / (ROW / 4), part = threadIdx.x % (ROW / 4);
-            mhc_copy16_async(&s_dp[st][r * ROW + part * 4], dp + (tc + r) * ROW + part * 4, tc + r < t_end);
+            const int row = chunk * TOKC + r;
+            mhc_copy16_async(&s_dp[st][r * ROW + part * 4], dp + (t_begin + row) * ROW + part * 4, row < range_len);
         }
         if (SUM && threadIdx.x < TOKC * N) {
             const int r = threadIdx.x / N, j = threadIdx.x % N;
-            mhc_copy4_async(&s_hpre[st][threadIdx.x], h + (tc + r) * K + j, tc + r < t_end);
+            const int row = chunk * TOKC + r;
+            mhc_copy4_async(&s_hpre[st][threadIdx.x], h + (t_begin + row) * K + j, row < range_len);
         }
     };
     // A chunk's dx, left in its x stage by the epilogue, to global memory in whole rows of the
@@ -1234,19 +1235,37 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
 // Backward through the projection (the contract above): on tensor cores for bf16 on NVIDIA
 // where the accumulators fit, else with FFMA. (`if constexpr` keeps the form not taken, and its
 // shared memory, out of the kernel.)
+//
+// Work split: grid x over column blocks of D, y over token ranges; the launch fits the blocks
+// in one wave of resident blocks, `work_blocks` of them in grid order (column block fastest:
+// the blocks that run together read whole rows of x between them; as runs of one column block
+// over many tokens each, the pass took 297 us instead of 219 at T = 16384, C = 1280 on an H200),
+// and the blocks past those return at once. So column block cb has one token range per row of
+// the grid it has a working block in, ceil((work_blocks - cb) / col_blocks) ranges of equal
+// length. (The same count of ranges for every column block left slots empty: 360 blocks on the
+// 396 resident slots of an H200 at T = 16384, C = 1280.)
 template <typename T, int N, bool SUM>
 __device__ __forceinline__ void coeffs_backward_x(const T* __restrict__ x, const float* __restrict__ phi,
                                                   const float* __restrict__ dp, const T* __restrict__ dx_post,
                                                   const T* __restrict__ du, const float* __restrict__ h,
                                                   T* __restrict__ dx, float* __restrict__ dphi, long long tokens,
-                                                  long long D, long long C, long long tokens_per_split) {
+                                                  long long D, long long C, long long work_blocks) {
+    // (32-bit and double arithmetic: a 64-bit division is a call, whose register saves spilled
+    // the tensor-core pass. The double quotients are monotonic in the range index and exact at
+    // its ends, so the ranges tile [0, T).)
+    const int col_blocks = (int)gridDim.x;
+    if ((long long)blockIdx.y * col_blocks + blockIdx.x >= work_blocks) return;
+    const int ranges = ((int)work_blocks - (int)blockIdx.x + col_blocks - 1) / col_blocks;
+    const double per_range = (double)tokens / ranges;
+    const long long t_begin = (long long)(blockIdx.y * per_range);
+    const long long t_end = blockIdx.y + 1 == (unsigned)ranges ? tokens : (long long)((blockIdx.y + 1) * per_range);
 #if MHC_TENSOR_CORES
     if constexpr (sizeof(T) == 2 && mma_bwd_x_fits<N>) {  // bf16
-        coeffs_backward_x_mma<N, SUM>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split);
+        coeffs_backward_x_mma<N, SUM>(x, phi, dp, dx_post, du, h, dx, dphi, D, C, blockIdx.x, t_begin, t_end);
     } else
 #endif
     {
-        coeffs_backward_x_fma<T, N, SUM>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split);
+        coeffs_backward_x_fma<T, N, SUM>(x, phi, dp, dx_post, du, h, dx, dphi, D, C, blockIdx.x, t_begin, t_end);
     }
 }
 
@@ -1264,70 +1283,70 @@ __device__ __forceinline__ void coeffs_backward_x(const T* __restrict__ x, const
         float *dalpha_b, long long tokens, long long D, int iters, int split_dp, int add_dh_pre
 #define BWD_X_PARAMS(T) \
     const T *x, const float *phi, const float *dp, T *dx, float *dphi, long long tokens, long long D, \
-        long long tokens_per_split
+        long long work_blocks
 #define BWD_X_SUM_PARAMS(T) \
     const T *x, const float *phi, const float *dp, const T *dx_post, const T *du, const float *h, T *dx, \
-        float *dphi, long long tokens, long long D, long long C, long long tokens_per_split
+        float *dphi, long long tokens, long long D, long long C, long long work_blocks
 extern "C" __global__ void mhc_coeffs_static_n2(STATIC_PARAMS) { coeffs_static<2>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n2(BWD_TOKEN_PARAMS) { coeffs_backward_token<2>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n2(FINISH_PARAMS) { coeffs_finish<2>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_f32_n2(PROJECT_PARAMS(float)) { coeffs_project<float, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_f32_n2(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_f32_n2(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(2)) mhc_coeffs_project_bf16_n2(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 2>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_bf16_n2(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(2)) mhc_coeffs_bwd_x_sum_bf16_n2(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 2, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void mhc_coeffs_static_n3(STATIC_PARAMS) { coeffs_static<3>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n3(BWD_TOKEN_PARAMS) { coeffs_backward_token<3>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n3(FINISH_PARAMS) { coeffs_finish<3>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_f32_n3(PROJECT_PARAMS(float)) { coeffs_project<float, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_f32_n3(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_f32_n3(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(3)) mhc_coeffs_project_bf16_n3(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 3>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_bf16_n3(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(3)) mhc_coeffs_bwd_x_sum_bf16_n3(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 3, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void mhc_coeffs_static_n4(STATIC_PARAMS) { coeffs_static<4>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n4(BWD_TOKEN_PARAMS) { coeffs_backward_token<4>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n4(FINISH_PARAMS) { coeffs_finish<4>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_f32_n4(PROJECT_PARAMS(float)) { coeffs_project<float, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_f32_n4(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_f32_n4(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(4)) mhc_coeffs_project_bf16_n4(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 4>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_bf16_n4(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(4)) mhc_coeffs_bwd_x_sum_bf16_n4(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 4, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void mhc_coeffs_static_n5(STATIC_PARAMS) { coeffs_static<5>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n5(BWD_TOKEN_PARAMS) { coeffs_backward_token<5>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n5(FINISH_PARAMS) { coeffs_finish<5>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_f32_n5(PROJECT_PARAMS(float)) { coeffs_project<float, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_f32_n5(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_f32_n5(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(5)) mhc_coeffs_project_bf16_n5(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 5>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_bf16_n5(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(5)) mhc_coeffs_bwd_x_sum_bf16_n5(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 5, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void mhc_coeffs_static_n6(STATIC_PARAMS) { coeffs_static<6>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n6(BWD_TOKEN_PARAMS) { coeffs_backward_token<6>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n6(FINISH_PARAMS) { coeffs_finish<6>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_f32_n6(PROJECT_PARAMS(float)) { coeffs_project<float, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_f32_n6(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_f32_n6(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(6)) mhc_coeffs_project_bf16_n6(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 6>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_bf16_n6(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(6)) mhc_coeffs_bwd_x_sum_bf16_n6(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 6, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void mhc_coeffs_static_n7(STATIC_PARAMS) { coeffs_static<7>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n7(BWD_TOKEN_PARAMS) { coeffs_backward_token<7>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n7(FINISH_PARAMS) { coeffs_finish<7>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_f32_n7(PROJECT_PARAMS(float)) { coeffs_project<float, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_f32_n7(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_f32_n7(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(7)) mhc_coeffs_project_bf16_n7(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 7>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_bf16_n7(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(7)) mhc_coeffs_bwd_x_sum_bf16_n7(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 7, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void mhc_coeffs_static_n8(STATIC_PARAMS) { coeffs_static<8>(alpha_b, ext, h, tokens, iters); }
 extern "C" __global__ void mhc_coeffs_bwd_token_n8(BWD_TOKEN_PARAMS) { coeffs_backward_token<8>(alpha_b, ext, dh, dh_pre, dp, den, dalpha_b, tokens, D, iters, split_dp, add_dh_pre); }
 extern "C" __global__ void mhc_coeffs_finish_n8(FINISH_PARAMS) { coeffs_finish<8>(partial, alpha_b, ext, h, tokens, D, splits, iters); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_f32_n8(PROJECT_PARAMS(float)) { coeffs_project<float, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_f32_n8(BWD_X_PARAMS(float)) { coeffs_backward_x<float, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_f32_n8(BWD_X_SUM_PARAMS(float)) { coeffs_backward_x<float, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }
 extern "C" __global__ void __launch_bounds__(PROJ_THREADS, proj_min_blocks(8)) mhc_coeffs_project_bf16_n8(PROJECT_PARAMS(mhc_bf16)) { coeffs_project<mhc_bf16, 8>(x, phi, partial, tokens, D, d_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, tokens_per_split); }
-extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, tokens_per_split); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_bf16_n8(BWD_X_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, false>(x, phi, dp, nullptr, nullptr, nullptr, dx, dphi, tokens, D, 1, work_blocks); }
+extern "C" __global__ void __launch_bounds__(BwdStep<float>::COLS, bwd_x_min_blocks(8)) mhc_coeffs_bwd_x_sum_bf16_n8(BWD_X_SUM_PARAMS(mhc_bf16)) { coeffs_backward_x<mhc_bf16, 8, true>(x, phi, dp, dx_post, du, h, dx, dphi, tokens, D, C, work_blocks); }

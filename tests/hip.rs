@@ -80,10 +80,7 @@ fn arg_name(expr: &str) -> String {
     let last = expr.rsplit('.').next().unwrap();
     let last = last.strip_suffix("_v").unwrap_or(last);
     let last = last.strip_suffix("_i").unwrap_or(last);
-    match last {
-        "per_split" => "tokens_per_split".to_string(),
-        other => other.to_lowercase(),
-    }
+    last.to_lowercase()
 }
 
 /// CUDA: from each `function(dev, &SPEC, ..)` to the next `.launch(`, the `.arg(..)` calls.

@@ -314,25 +314,36 @@ fn backward_token_ranges_fill_one_wave() {
                 },
                 "{case}"
             );
-            // The ranges cover the tokens, none is empty, and (when there are several) none is
-            // much shorter than the chunk: rounding the range count up at most halves it.
-            assert!(ranges * g.split_len >= tokens, "{case}");
-            assert!((ranges - 1) * g.split_len < tokens, "{case}");
+            // The working blocks (the kernel's work_blocks argument) are the first `work` of the
+            // grid in order, x fastest: every column block has at least one, no grid row is
+            // wholly idle, and column block cb has ceil((work - cb) / d_blocks) equal token
+            // ranges, which differ by at most one between column blocks.
+            let work = g.split_len;
+            assert!(work >= d_blocks, "{case}");
             assert!(
-                ranges == 1 || 2 * g.split_len >= BWD_X_TOKEN_CHUNK,
+                work <= d_blocks * ranges && work > d_blocks * (ranges - 1),
                 "{case}"
             );
+            let ranges_of = |cb: usize| (0..ranges).filter(|y| y * d_blocks + cb < work).count();
+            assert_eq!(ranges_of(0), ranges, "{case}");
+            assert!(ranges_of(d_blocks - 1) + 1 >= ranges, "{case}");
+            // No range much shorter than the chunk: at most ceil(T / BWD_X_TOKEN_CHUNK) of them.
+            assert!(ranges <= tokens.div_ceil(BWD_X_TOKEN_CHUNK), "{case}");
             // One wave of resident blocks (the kernels' register budgets: 3 blocks per
-            // multiprocessor for n <= 4, 1 above), and no room left in it for another range of
-            // blocks unless the tokens ran out.
+            // multiprocessor for n <= 4, 1 above), all of it used unless the tokens ran out (or
+            // one range per column block already exceeds it).
             let per_multiprocessor = if streams <= 4 { 3 } else { 1 };
             assert_eq!(bwd_x_resident_blocks(streams), per_multiprocessor, "{case}");
             let resident = per_multiprocessor * multiprocessors;
-            assert!(ranges == 1 || d_blocks * ranges <= resident, "{case}");
-            assert!(
-                d_blocks * (ranges + 1) > resident || ranges >= tokens.div_ceil(BWD_X_TOKEN_CHUNK),
-                "{case}"
-            );
+            if d_blocks <= resident {
+                assert!(work <= resident, "{case}");
+                assert!(
+                    work == resident || work == d_blocks * tokens.div_ceil(BWD_X_TOKEN_CHUNK),
+                    "{case}"
+                );
+            } else {
+                assert_eq!(work, d_blocks, "{case}");
+            }
         }
     }
 }

@@ -52,13 +52,13 @@ pub fn coeffs_backward_sum(
             let du_v = view::<T>(op, "du", du_s, du_l)?;
             let h_v = view::<f32>(op, "h", h_s, h_l)?;
             let (tokens_i, d_i, c_i) = (tokens as i64, d as i64, c as i64);
-            let per_split_i = geometry.split_len as i64;
+            let work_blocks_i = geometry.split_len as i64;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
             b.arg(&x_v).arg(&phi_v).arg(&dp);
             b.arg(&dx_post_v).arg(&du_v).arg(&h_v);
             b.arg(&mut dx).arg(&mut dphi);
-            b.arg(&tokens_i).arg(&d_i).arg(&c_i).arg(&per_split_i);
+            b.arg(&tokens_i).arg(&d_i).arg(&c_i).arg(&work_blocks_i);
             unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         Ok((

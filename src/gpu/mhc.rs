@@ -349,12 +349,12 @@ pub fn coeffs_backward(g: &CoeffsGrad) -> Result<(Option<Tensor>, Option<Tensor>
         if tokens > 0 && d > 0 {
             let func = function(dev, &COEFFS_BWD_X, x.dtype(), n)?;
             let geometry = COEFFS_BWD_X.geometry(&limits(dev)?, shape, x.dtype(), tokens);
-            let per_split_i = geometry.split_len as i64;
+            let work_blocks_i = geometry.split_len as i64;
             let (tokens_i, d_i) = (tokens as i64, d as i64);
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
             b.arg(&x_v).arg(&phi_v).arg(&dp).arg(&mut dx).arg(&mut dphi);
-            b.arg(&tokens_i).arg(&d_i).arg(&per_split_i);
+            b.arg(&tokens_i).arg(&d_i).arg(&work_blocks_i);
             unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
         }
         let dx = tensor(wrap(dev, dx), (tokens, n, shape.width));

@@ -117,10 +117,12 @@ pub enum Grid {
     /// Grid-stride over tokens, one block per token, capped like `Chunks`.
     BlockPerToken,
     /// x over the reduction axis D = n*C (`bwd_x_block_columns` per block), y over token
-    /// ranges of at least `BWD_X_TOKEN_CHUNK` tokens: as many ranges as fit the grid in one wave
-    /// of resident blocks (`bwd_x_resident_blocks`). The range length is the kernel's
-    /// `tokens_per_split` argument (`Geometry::split_len`). `staged`: the storage tensors the
-    /// pass stages in shared memory (`bwd_x_shared_bytes`).
+    /// ranges of about `BWD_X_TOKEN_CHUNK` tokens or more: as many working blocks as fit one
+    /// wave of resident blocks (`bwd_x_resident_blocks`), at least one per column block, in
+    /// grid order (x fastest); the blocks of the last row past them return at once. So column
+    /// block cb has ceil((working blocks - cb) / x) ranges, of equal length. The working block
+    /// count is the kernel's `work_blocks` argument (`Geometry::split_len`). `staged`: the
+    /// storage tensors the pass stages in shared memory (`bwd_x_shared_bytes`).
     SplitD { staged: usize },
     /// Grid-stride over rows, one block per `ACCUMULATE_ROWS_PER_BLOCK` rows at a time, at most
     /// as many blocks per multiprocessor as hold the threads of
@@ -136,8 +138,8 @@ pub enum Grid {
 pub const MAX_BLOCK: usize = 256;
 /// Grid-stride kernels: at most this many blocks per multiprocessor.
 pub const BLOCKS_PER_MULTIPROCESSOR: usize = 32;
-/// `Grid::SplitD`: fewest tokens per range (each range adds one atomic pass over its slice of
-/// dphi, so no more ranges than needed to fill the device).
+/// `Grid::SplitD`: about the fewest tokens per range (each range adds one atomic pass over its
+/// slice of dphi, so no more ranges than needed to fill the device).
 pub const BWD_X_TOKEN_CHUNK: usize = 32;
 /// `Grid::TokenTiles`: tokens per block (mirrors FINISH_TOKENS in kernels/mhc_coeffs.cu).
 pub const FINISH_TOKENS: usize = 16;
@@ -394,12 +396,11 @@ impl KernelSpec {
                 let columns = bwd_x_block_columns(limits, n, dtype, block);
                 let d_blocks = d.div_ceil(columns).max(1);
                 let resident = bwd_x_resident_blocks(n) * limits.multiprocessors.max(1);
-                let splits =
-                    splits_for_one_wave(resident, d_blocks, tokens.div_ceil(BWD_X_TOKEN_CHUNK));
-                let per_split = tokens.div_ceil(splits);
+                let most = d_blocks * tokens.div_ceil(BWD_X_TOKEN_CHUNK).max(1);
+                let work_blocks = resident.max(d_blocks).min(most);
                 (
-                    (d_blocks as u32, tokens.div_ceil(per_split) as u32),
-                    per_split,
+                    (d_blocks as u32, work_blocks.div_ceil(d_blocks) as u32),
+                    work_blocks,
                 )
             }
         };
@@ -506,7 +507,7 @@ pub const COEFFS_BWD_TOKEN: KernelSpec = KernelSpec {
 };
 
 /// Coefficient backward through the projection: dx [T, D] written, dphi [D, k] accumulated.
-/// Grid (ceil(D / bwd_x_block_columns), ceil(T / tokens_per_split)).
+/// Grid (ceil(D / bwd_x_block_columns), token ranges): `Grid::SplitD`.
 pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
     module: Module::Coeffs,
     stem: "mhc_coeffs_bwd_x",
@@ -520,7 +521,7 @@ pub const COEFFS_BWD_X: KernelSpec = KernelSpec {
         Accumulate("dphi", F32),
         I64("tokens"),
         I64("D"),
-        I64("tokens_per_split"),
+        I64("work_blocks"),
     ],
     block: Block::Fixed(256),
     grid: Grid::SplitD { staged: 1 },
@@ -545,7 +546,7 @@ pub const COEFFS_BWD_X_SUM: KernelSpec = KernelSpec {
         I64("tokens"),
         I64("D"),
         I64("C"),
-        I64("tokens_per_split"),
+        I64("work_blocks"),
     ],
     block: Block::Fixed(256),
     grid: Grid::SplitD { staged: 3 },

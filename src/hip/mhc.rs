@@ -235,7 +235,7 @@ pub fn coeffs_backward<T: DeviceElem>(
     match chained {
         None => {
             let geometry = COEFFS_BWD_X.geometry(&dev.limits, shape, T::DTYPE, tokens);
-            let tokens_per_split = geometry.split_len as i64;
+            let work_blocks = geometry.split_len as i64;
             let args = [
                 x.arg(),
                 phi.arg(),
@@ -244,13 +244,13 @@ pub fn coeffs_backward<T: DeviceElem>(
                 grads.dphi.arg_mut(),
                 KernelArg::I64(tokens_i),
                 KernelArg::I64(d_i),
-                KernelArg::I64(tokens_per_split),
+                KernelArg::I64(work_blocks),
             ];
             dev.launch(&COEFFS_BWD_X, T::DTYPE, n, &geometry, &args)
         }
         Some(sum) => {
             let geometry = COEFFS_BWD_X_SUM.geometry(&dev.limits, shape, T::DTYPE, tokens);
-            let tokens_per_split = geometry.split_len as i64;
+            let work_blocks = geometry.split_len as i64;
             let args = [
                 x.arg(),
                 phi.arg(),
@@ -263,7 +263,7 @@ pub fn coeffs_backward<T: DeviceElem>(
                 KernelArg::I64(tokens_i),
                 KernelArg::I64(d_i),
                 KernelArg::I64(c as i64),
-                KernelArg::I64(tokens_per_split),
+                KernelArg::I64(work_blocks),
             ];
             dev.launch(&COEFFS_BWD_X_SUM, T::DTYPE, n, &geometry, &args)
         }
