@@ -26,6 +26,11 @@
 #              and the two per-token Sinkhorn kernels (SOURCE_KERNELS:
 #              another regex), at T=16384 C=1280
 #                                      -> source-sass.csv.xz, source-details.csv
+#   variants   each build in .bin/variants/NAME/ (scripts/build-variant.sh;
+#              carry .bin/variants): its selftest, then the timeline's
+#              one-step profile of every variant side by side at
+#              T=1024 C=2560, T=1024 C=1280 and T=16384 C=1280, the
+#              variants in turn, twice                                   -> variants.txt
 # STAGE_LIMIT_S (default 300) bounds each stage; a stage that fails or runs out is reported and
 # the next one still runs. At most 8 files come back from $OUT, so the stages write no more.
 set -uo pipefail
@@ -40,22 +45,24 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 if (($# == 0)); then
-  sed -n '2,30p' "${BASH_SOURCE[0]}"
+  sed -n '2,35p' "${BASH_SOURCE[0]}"
   exit 2
 fi
 for stage in "$@"; do
   case "$stage" in
-    selftest | tests | layers | train | agree | ncu | timeline | source) ;;
+    selftest | tests | layers | train | agree | ncu | timeline | source | variants) ;;
     *)
-      echo "device-check: unknown stage '$stage' (selftest tests layers train agree ncu timeline source)" >&2
+      echo "device-check: unknown stage '$stage' (selftest tests layers train agree ncu timeline source variants)" >&2
       exit 2
       ;;
   esac
 done
 
 # Unpacks the carried archive and prints the GPU, driver and clocks; fails here, once, if the
-# binaries are missing or cannot load their libraries.
-scripts/gpu-run.sh "$bin" --version || exit 1
+# binaries are missing or cannot load their libraries (a variants-only run carries no archive).
+if [[ -f .bin/mhc-cuda-bins.tar.xz || -x "$bin" || " $* " != *" variants "* ]]; then
+  scripts/gpu-run.sh "$bin" --version || exit 1
+fi
 run() { timeout --signal=INT --kill-after=20 "$limit" scripts/gpu-run.sh "$@"; }
 
 # The losses of two runs' metrics.jsonl, step by step, and the largest difference.
@@ -109,6 +116,26 @@ for title, lines in sections:
         print(f"| {r['Kernel Name'][:48]} | {r['Grid Size']} | {r['Block Size']} | {ns / 1000:.1f} |")
     print(f"| total ({len(rows)} kernels) | | | {total / 1000:.1f} |")
 EOF
+}
+
+# One sublayer step under Nsight Compute, each kernel's duration as raw CSV (the timeline and
+# variants stages): run_step EXECUTABLE TOKENS WIDTH.
+run_step() {
+  MHC_BENCH_TOKENS=$2 MHC_BENCH_WIDTHS=$3 \
+    run ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
+    --csv --page raw "$1" chained_sublayer_one_step_profile --ignored --exact --nocapture
+}
+
+# FILE.xz -> FILE, executable (xz where the machine has it, else Python's lzma).
+unpack_xz() {
+  if command -v xz >/dev/null; then
+    xz -dkf "$1"
+  else
+    python3 -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[1][:-3], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$1"
+  fi
+  chmod +x "${1%.xz}"
 }
 
 declare -A result
@@ -165,10 +192,7 @@ for stage in "$@"; do
       for size in "1024 2560" "16384 1280"; do
         read -r tokens width <<<"$size"
         echo "-- T=$tokens C=$width" >>"$out/timeline.txt"
-        MHC_BENCH_TOKENS=$tokens MHC_BENCH_WIDTHS=$width \
-          run ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
-          --csv --page raw .bin/test-gpu_sublayer-cuda chained_sublayer_one_step_profile \
-          --ignored --exact --nocapture >>"$out/timeline.txt" 2>&1
+        run_step .bin/test-gpu_sublayer-cuda "$tokens" "$width" >>"$out/timeline.txt" 2>&1
       done
       summarize_timeline "$out/timeline.txt" | tee -a "$out/timeline.txt"
       ;;
@@ -182,6 +206,38 @@ for stage in "$@"; do
         run ncu -i "$work/source.ncu-rep" --page source --csv --print-source sass |
         xz >"$out/source-sass.csv.xz" &&
         run ncu -i "$work/source.ncu-rep" --page details --csv >"$out/source-details.csv"
+      ;;
+    variants)
+      names=()
+      for dir in .bin/variants/*/; do
+        [[ -f "$dir/test-gpu_sublayer-cuda.xz" ]] && names+=("$(basename "$dir")")
+      done
+      : >"$out/variants.txt"
+      status=0
+      if ((${#names[@]} == 0)); then
+        echo "device-check: no .bin/variants/NAME/ carried (scripts/build-variant.sh)" | tee "$out/variants.txt"
+        status=1
+      fi
+      for name in "${names[@]}"; do
+        dir=.bin/variants/$name
+        unpack_xz "$dir/mhc-train-cuda.xz" && unpack_xz "$dir/test-gpu_sublayer-cuda.xz" || status=1
+        echo "== $name (commit $(cat "$dir/commit" 2>/dev/null || echo '?')): selftest" >>"$out/variants.txt"
+        run "$dir/mhc-train-cuda" selftest 2>&1 | tail -n 2 >>"$out/variants.txt" || status=1
+      done
+      # The variants in turn, twice, so that a drift of the clocks or of the machine's load
+      # shows up as a spread of one variant's repetitions rather than as a gap between two.
+      for size in "1024 2560" "1024 1280" "16384 1280"; do
+        read -r tokens width <<<"$size"
+        for rep in 1 2; do
+          for name in "${names[@]}"; do
+            echo "-- $name T=$tokens C=$width rep=$rep" >>"$work/variants-raw.txt"
+            run_step ".bin/variants/$name/test-gpu_sublayer-cuda" "$tokens" "$width" \
+              >>"$work/variants-raw.txt" 2>&1 || status=1
+          done
+        done
+      done
+      ((${#names[@]} == 0)) || python3 scripts/timeline-table.py "$work/variants-raw.txt" | tee -a "$out/variants.txt"
+      ((status == 0))
       ;;
   esac
   code=$?
