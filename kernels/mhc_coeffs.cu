@@ -810,8 +810,8 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
 // Backward through the projection, both products of one pass over x:
 //   dx[t, e] = sum_c phi[e, c] dP[t, c] + coef[t] x[t, e]     (written once)
 //   dphi[e, c] += sum_t x[t, e] dP[t, c]                        (atomically added; caller zeroes)
-// Grid: x over the reduction axis D (BwdStep::COLS columns per block, one per thread: its k phi
-// values and k dphi sums live in registers) and a token range (coeffs_backward_x below splits the work).
+// A block: BwdStep::COLS columns of the reduction axis D (one per thread: its k phi values and k
+// dphi sums live in registers) over a range of tokens (the split: coeffs_backward_x below).
 //
 // SUM (the chained sublayer backward, docs/ops.md): dx also takes the other two contributions
 // of the sublayer, read in the same pass, so the sublayer's dx is written once:

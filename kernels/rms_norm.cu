@@ -13,11 +13,10 @@ using namespace mhc;
 // are added to the block's partial row per row.
 constexpr int RN_REG_CHUNKS = 2;
 // Resident blocks per multiprocessor the backward's registers are capped for on NVIDIA: four of
-// up to 256 threads (64 registers; smaller blocks fit more, and the kernel table's grid
-// takes as many as hold the threads of four full blocks). With four chunks and no cap it took
-// 110 registers, three 160-thread blocks per multiprocessor, and its grid ran in more than two
-// waves. No hint on AMD (see
-// proj_min_blocks in mhc_coeffs.cu).
+// up to 256 threads (64 registers; smaller blocks fit more, and the kernel table's grid takes as
+// many as hold the threads of four full blocks). With four chunks and no cap it took 110
+// registers, three 160-thread blocks per multiprocessor, and its grid ran in more than two waves.
+// No hint on AMD (see proj_min_blocks in mhc_coeffs.cu).
 constexpr int RN_BWD_MIN_BLOCKS = MHC_NVIDIA ? 4 : 1;
 
 __device__ __forceinline__ float rn_eps(long long eps_bits) {
