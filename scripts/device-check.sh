@@ -212,7 +212,7 @@ for stage in "$@"; do
       for dir in .bin/variants/*/; do
         [[ -f "$dir/test-gpu_sublayer-cuda.xz" ]] && names+=("$(basename "$dir")")
       done
-      : >"$out/variants.txt"
+      scripts/gpu-run.sh >"$out/variants.txt" 2>/dev/null  # the GPU, driver and clocks
       status=0
       if ((${#names[@]} == 0)); then
         echo "device-check: no .bin/variants/NAME/ carried (scripts/build-variant.sh)" | tee "$out/variants.txt"
