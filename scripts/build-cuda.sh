@@ -49,20 +49,11 @@ echo "build-cuda: .bin/mhc-train-cuda ($(du -h .bin/mhc-train-cuda | cut -f1), f
 
 if ((with_tests)); then
   echo "build-cuda: cargo test --release --features $features --no-run"
-  # cargo prints each test executable's path only in its JSON messages; the file names carry a
-  # hash, so copy them to names that stay the same between builds.
+  # Copied to names that stay the same between builds (cargo's carry a hash).
   test_list="$(mktemp)"
   trap 'rm -f "$test_list"' EXIT
   cargo test --release --features "$features" --no-run --message-format=json-render-diagnostics |
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg.get("profile", {}).get("test") and msg.get("executable"):
-        kind = msg["target"]["kind"][0]
-        name = "lib" if kind == "lib" else ("bin-" if kind == "bin" else "") + msg["target"]["name"]
-        print(name, msg["executable"])
-' >"$test_list"
+    scripts/test-executables.py >"$test_list"
   while read -r name exe; do
     strip -o ".bin/test-$name-cuda" "$exe"
     built+=("test-$name-cuda")

@@ -26,6 +26,11 @@ if [[ ! "$name" =~ ^[A-Za-z0-9_.-]+$ ]]; then
 fi
 
 cd "$repo_root"
+# The executable lister as of now (REF may predate it); the checkout restored on exit.
+lister="$(mktemp)"
+back=""
+trap 'rm -f "$lister"; [[ -z "$back" ]] || git checkout --quiet "$back"' EXIT
+cp scripts/test-executables.py "$lister"
 if [[ -n "$ref" ]]; then
   if ! git rev-parse --verify --quiet "$ref^{commit}" >/dev/null; then
     echo "build-variant: '$ref' is not a commit" >&2
@@ -36,7 +41,6 @@ if [[ -n "$ref" ]]; then
     exit 1
   fi
   back="$(git symbolic-ref --quiet --short HEAD || git rev-parse HEAD)"
-  trap 'git checkout --quiet "$back"' EXIT
   git checkout --quiet "$ref"
 fi
 
@@ -44,14 +48,8 @@ fi
 # shellcheck source=scripts/cuda-env.sh
 . "$repo_root/scripts/cuda-env.sh"
 cargo build --release --features nccl
-sublayer="$(cargo test --release --features nccl --no-run --test gpu_sublayer --message-format=json |
-  python3 -c '
-import json, sys
-for line in sys.stdin:
-    msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["name"] == "gpu_sublayer":
-        print(msg["executable"])
-')"
+sublayer="$(cargo test --release --features nccl --no-run --test gpu_sublayer \
+  --message-format=json-render-diagnostics | python3 "$lister" | awk '$1 == "gpu_sublayer" { print $2 }')"
 out=".bin/variants/$name"
 rm -rf "$out"
 mkdir -p "$out"
