@@ -89,35 +89,6 @@ if steps:
 EOF
 }
 
-# Per size of a timeline.txt ("-- T=.. C=.." lines, each followed by ncu's raw CSV): each
-# kernel's grid, block and duration in launch order, and their sum.
-summarize_timeline() {
-  python3 - "$1" <<'EOF'
-import csv, io, sys
-title = None
-sections = []
-for line in open(sys.argv[1]).read().splitlines():
-    if line.startswith("-- "):
-        title = line[3:]
-        sections.append((title, []))
-    elif line.startswith('"') and sections:
-        sections[-1][1].append(line)
-for title, lines in sections:
-    rows = [r for r in csv.DictReader(io.StringIO("\n".join(lines))) if r.get("ID", "").isdigit()]
-    if not rows:
-        print(f"{title}: no kernels found")
-        continue
-    print(f"| {title} | grid | block | us |")
-    print("|---|---|---|---|")
-    total = 0.0
-    for r in rows:
-        ns = float(r["gpu__time_duration.sum"].replace(",", ""))
-        total += ns
-        print(f"| {r['Kernel Name'][:48]} | {r['Grid Size']} | {r['Block Size']} | {ns / 1000:.1f} |")
-    print(f"| total ({len(rows)} kernels) | | | {total / 1000:.1f} |")
-EOF
-}
-
 # One sublayer step under Nsight Compute, each kernel's duration as raw CSV (the timeline and
 # variants stages): run_step EXECUTABLE TOKENS WIDTH.
 run_step() {
@@ -194,7 +165,7 @@ for stage in "$@"; do
         echo "-- T=$tokens C=$width" >>"$out/timeline.txt"
         run_step .bin/test-gpu_sublayer-cuda "$tokens" "$width" >>"$out/timeline.txt" 2>&1
       done
-      summarize_timeline "$out/timeline.txt" | tee -a "$out/timeline.txt"
+      python3 scripts/timeline-table.py --launches "$out/timeline.txt" | tee -a "$out/timeline.txt"
       ;;
     source)
       # One sublayer step as the timeline profiles it; the report stays in the scratch folder

@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Side-by-side table of one-step sublayer timelines (`scripts/device-check.sh variants`).
+"""Tables of one-step sublayer timelines (`scripts/device-check.sh` timeline and variants).
 
-Input: a file of sections, each a line "-- VARIANT T=<tokens> C=<width> rep=<n>" followed by
-Nsight Compute's raw CSV (--csv --page raw, metric gpu__time_duration.sum). Output, per size:
-one row per kernel (name without the mhc_ prefix and the bf16/f32 and n suffixes), one column
-per variant with the fastest and slowest repetition in microseconds, and the step's total.
+Input: a file of sections, each a "-- TITLE" line followed by Nsight Compute's raw CSV (--csv
+--page raw, metric gpu__time_duration.sum).
+
+  timeline-table.py FILE             titles "VARIANT T=<tokens> C=<width> rep=<n>": per size, one
+                                     row per kernel (name without the mhc_ prefix and the bf16/f32
+                                     and n suffixes), one column per variant with the fastest and
+                                     slowest repetition in microseconds, and the step's total
+  timeline-table.py --launches FILE  per section, every launch in order with its grid, block and
+                                     microseconds, and their total
 """
 import csv
 import io
@@ -23,19 +28,43 @@ def sections(lines):
     return out
 
 
+def launches(csv_lines):
+    """The profiled launches of one section (ncu's units row left out), in order."""
+    rows = csv.DictReader(io.StringIO("\n".join(csv_lines)))
+    return [row for row in rows if row.get("ID", "").isdigit()]
+
+
+def microseconds(row):
+    return float(row["gpu__time_duration.sum"].replace(",", "")) / 1000
+
+
 def kernel_times(csv_lines):
     """Kernel name -> microseconds (summed over launches) of one profiled step."""
     times = {}
-    for row in csv.DictReader(io.StringIO("\n".join(csv_lines))):
-        if not row.get("ID", "").isdigit():
-            continue  # ncu's units row
+    for row in launches(csv_lines):
         name = row["Kernel Name"].split("(")[0]
         name = re.sub(r"^mhc_|_(bf16|f32)|_n\d$", "", name)
-        times[name] = times.get(name, 0.0) + float(row["gpu__time_duration.sum"].replace(",", "")) / 1000
+        times[name] = times.get(name, 0.0) + microseconds(row)
     return times
 
 
+def print_launches(path):
+    for title, csv_lines in sections(open(path).read().splitlines()):
+        rows = launches(csv_lines)
+        if not rows:
+            print(f"{title}: no kernels found")
+            continue
+        print(f"| {title} | grid | block | us |")
+        print("|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['Kernel Name'][:48]} | {row['Grid Size']} | {row['Block Size']} | {microseconds(row):.1f} |")
+        print(f"| total ({len(rows)} kernels) | | | {sum(map(microseconds, rows)):.1f} |")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--launches":
+        print_launches(sys.argv[2])
+        return
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     runs = {}  # size -> variant -> [kernel times per repetition]

@@ -1,35 +1,35 @@
-//! scripts/timeline-table.py (the `variants` stage of scripts/device-check.sh) on a hand-made
-//! profile: two variants, two repetitions, ncu's raw CSV with its units row, one kernel launched
-//! twice in a step. The expected cells are worked out by hand below.
+//! scripts/timeline-table.py (the timeline and variants stages of scripts/device-check.sh) on a
+//! hand-made profile: two variants, two repetitions, ncu's raw CSV with its units row, one
+//! kernel launched twice in a step. The expected cells are worked out by hand below.
 
 use std::process::Command;
 
 const PROFILES: &str = r#"-- base T=1024 C=1280 rep=1
 ==PROF== Connected to process 1
-"ID","Kernel Name","Grid Size","gpu__time_duration.sum"
-"","","","nsecond"
-"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","13,200"
-"1","rms_norm_bwd_bf16","(512, 1, 1)","8,800"
-"2","mhc_coeffs_project_bf16_n4","(16, 40, 1)","1,000"
+"ID","Kernel Name","Grid Size","Block Size","gpu__time_duration.sum"
+"","","","","nsecond"
+"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","(128, 1, 1)","13,200"
+"1","rms_norm_bwd_bf16","(512, 1, 1)","(256, 1, 1)","8,800"
+"2","mhc_coeffs_project_bf16_n4","(16, 40, 1)","(128, 1, 1)","1,000"
 -- try T=1024 C=1280 rep=1
-"ID","Kernel Name","Grid Size","gpu__time_duration.sum"
-"","","","nsecond"
-"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","12,000"
-"1","rms_norm_bwd_bf16","(512, 1, 1)","9,000"
+"ID","Kernel Name","Grid Size","Block Size","gpu__time_duration.sum"
+"","","","","nsecond"
+"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","(128, 1, 1)","12,000"
+"1","rms_norm_bwd_bf16","(512, 1, 1)","(256, 1, 1)","9,000"
 -- base T=1024 C=1280 rep=2
-"ID","Kernel Name","Grid Size","gpu__time_duration.sum"
-"","","","nsecond"
-"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","13,000"
-"1","rms_norm_bwd_bf16","(512, 1, 1)","9,400"
-"2","mhc_coeffs_project_bf16_n4","(16, 40, 1)","1,100"
+"ID","Kernel Name","Grid Size","Block Size","gpu__time_duration.sum"
+"","","","","nsecond"
+"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","(128, 1, 1)","13,000"
+"1","rms_norm_bwd_bf16","(512, 1, 1)","(256, 1, 1)","9,400"
+"2","mhc_coeffs_project_bf16_n4","(16, 40, 1)","(128, 1, 1)","1,100"
 -- try T=1024 C=1280 rep=2
-"ID","Kernel Name","Grid Size","gpu__time_duration.sum"
-"","","","nsecond"
-"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","12,400"
-"1","rms_norm_bwd_bf16","(512, 1, 1)","8,600"
+"ID","Kernel Name","Grid Size","Block Size","gpu__time_duration.sum"
+"","","","","nsecond"
+"0","mhc_coeffs_project_bf16_n4","(16, 40, 1)","(128, 1, 1)","12,400"
+"1","rms_norm_bwd_bf16","(512, 1, 1)","(256, 1, 1)","8,600"
 "#;
 
-fn table(input: &str) -> (bool, String, String) {
+fn table(mode: &[&str], input: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("variants-raw.txt");
     std::fs::write(&path, input).unwrap();
@@ -38,6 +38,7 @@ fn table(input: &str) -> (bool, String, String) {
             env!("CARGO_MANIFEST_DIR"),
             "/scripts/timeline-table.py"
         ))
+        .args(mode)
         .arg(&path)
         .output()
         .expect("python3");
@@ -50,7 +51,7 @@ fn table(input: &str) -> (bool, String, String) {
 
 #[test]
 fn variants_side_by_side_fastest_and_slowest_repetition() {
-    let (ok, text, err) = table(PROFILES);
+    let (ok, text, err) = table(&[], PROFILES);
     assert!(ok, "{err}");
     let rows: Vec<&str> = text.lines().filter(|l| l.starts_with('|')).collect();
     assert_eq!(
@@ -71,7 +72,27 @@ fn variants_side_by_side_fastest_and_slowest_repetition() {
 
 #[test]
 fn no_profiled_step_is_an_error() {
-    let (ok, text, err) = table("-- base T=1024 C=1280 rep=1\nncu: error\n");
+    let (ok, text, err) = table(&[], "-- base T=1024 C=1280 rep=1\nncu: error\n");
     assert!(!ok, "{text}");
     assert!(err.contains("no profiled steps"), "{err}");
+}
+
+#[test]
+fn launches_in_order_with_their_total() {
+    // The first section alone, as the timeline stage's file holds one build.
+    let first = PROFILES.split("-- try").next().unwrap();
+    let (ok, text, err) = table(&["--launches"], first);
+    assert!(ok, "{err}");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            "| base T=1024 C=1280 rep=1 | grid | block | us |",
+            "|---|---|---|---|",
+            "| mhc_coeffs_project_bf16_n4 | (16, 40, 1) | (128, 1, 1) | 13.2 |",
+            "| rms_norm_bwd_bf16 | (512, 1, 1) | (256, 1, 1) | 8.8 |",
+            "| mhc_coeffs_project_bf16_n4 | (16, 40, 1) | (128, 1, 1) | 1.0 |",
+            // 13.2 + 8.8 + 1.0
+            "| total (3 kernels) | | | 23.0 |",
+        ]
+    );
 }
