@@ -309,6 +309,12 @@ __device__ __forceinline__ SplitBf16 split_bf16(float v) {
 // (B = the staged rows read column-major), whose diagonal is each token's sum of x^2 (exact
 // products of bf16 values, f32 sums, as with FFMA). Its 16x waste costs 2 MMAs per slice and row
 // tile; the FFMA form spent ~70 instructions per thread and step unpacking and squaring x.
+//
+// Tried on an H200 at T = 16384, C = 1280 (84 us) and dropped: the fragments by plain 32-bit
+// shared loads (load_matrix_sync's bf16 loads are generic, and row-major B takes a transpose
+// per word) with phi staged column-major, 85 us; two waves of 5-slice blocks instead of one of
+// 2-slice blocks (148 of 660 slots idle), 87 us; no phi staging at all (wrong results, a bound),
+// 75 us. ncu: 22% occupancy, no eligible warp half the time, DRAM at 42%.
 template <int N> struct MmaProduct {
     static constexpr bool SUMS_SQUARES = true;
     static constexpr int K = N * N + 2 * N;
@@ -835,8 +841,9 @@ constexpr int BWD_X_STAGES = 3;
 // Resident blocks per multiprocessor the register budget is set for on NVIDIA (as
 // proj_min_blocks): three (80 registers) for n <= 4, in both forms; no hint for wider n or on AMD.
 // (Four, at 64 registers, spilled 56 bytes in the tensor-core form's chunk loop: on an H200 it
-// took 250 us at T = 16384, C = 1280, against 225 with three.) Mirrored by bwd_x_resident_blocks
-// in src/gpu/mod.rs, which fits the grid in one wave of them.
+// took 250 us at T = 16384, C = 1280, against 225 with three; four with phi's fragments loaded
+// from shared memory per chunk and two stages, no spills, 236 against 215.) Mirrored by
+// bwd_x_resident_blocks in src/gpu/mod.rs, which fits the grid in one wave of them.
 constexpr int bwd_x_min_blocks(int n) { return MHC_NVIDIA && n <= 4 ? 3 : 1; }
 
 template <typename T, int N, bool SUM>
@@ -981,7 +988,8 @@ __device__ void coeffs_backward_x_fma(const T* __restrict__ x, const float* __re
 // SUM dx_post and du, in dynamic shared memory (bwd_x_shared_bytes: 39 KB for SUM, with the
 // static arrays past the default 48 KB), the dp rows and H_pre in static arrays. On an H200 at
 // T = 16384, C = 1280 the SUM pass takes 226 us (the FFMA form 433): bound by instruction issue
-// and its one barrier per chunk (ncu), rather than by its ~550 MB of DRAM traffic.
+// and its one barrier per chunk (ncu), rather than by its ~550 MB of DRAM traffic. (The dx tile's
+// chain of 3 KT products split over two or three accumulators: within noise, 214-219 us.)
 template <int N> struct MmaBwdX {
     static constexpr int K = N * N + 2 * N;
     static constexpr int KT = (K + 15) / 16;  // 16-wide k tiles
