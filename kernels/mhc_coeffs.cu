@@ -716,6 +716,11 @@ constexpr int DEN_SHARED_ITERS = 20;
 template <int N>
 constexpr int den_shared_floats =
     2 * DEN_SHARED_ITERS * N * MHC_WAVE * 4 <= 40 * 1024 ? 2 * DEN_SHARED_ITERS * N * MHC_WAVE : 1;
+// The block's dp rows, staged for one contiguous store: a wave of rows, ROW + 1 floats apart (an
+// odd stride: a row per thread hits distinct banks).
+template <int N>
+constexpr int dp_tile_floats =
+    MHC_WAVE * ((BwdRow<N>::SPLIT > BwdRow<N>::KPAD ? BwdRow<N>::SPLIT : BwdRow<N>::KPAD) + 1);
 template <int N>
 __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const float* __restrict__ ext,
                                       const float* __restrict__ dh, const float* __restrict__ dh_pre,
@@ -726,13 +731,19 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
     constexpr int KPAD = BwdRow<N>::KPAD, KT = BwdRow<N>::KT, SPLIT = BwdRow<N>::SPLIT;
     constexpr int NV = 3 + K;
     __shared__ float scratch[(MAX_WAVES + 1) * NV];
-    __shared__ float den_shared[den_shared_floats<N>];
-    const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    // The block is one wave (Block::OneWave): a lane's denominators are strided by the wave.
-    const bool den_on_chip = den_shared_floats<N> > 1 && iters <= DEN_SHARED_ITERS && blockDim.x == MHC_WAVE;
+    // The denominators, then (their walk done) the dp rows: one buffer.
+    constexpr int SHARED_FLOATS = den_shared_floats<N> > dp_tile_floats<N> ? den_shared_floats<N> : dp_tile_floats<N>;
+    __shared__ float den_or_rows[SHARED_FLOATS];
+    const long long t0 = blockIdx.x * (long long)blockDim.x;
+    const long long t = t0 + threadIdx.x;
+    // The block is one wave (Block::OneWave): a lane's denominators are strided by the wave, and
+    // the rows fit the tile.
+    const bool one_wave = blockDim.x == MHC_WAVE;
+    const bool den_on_chip = den_shared_floats<N> > 1 && iters <= DEN_SHARED_ITERS && one_wave;
     float part[NV];
 #pragma unroll
     for (int i = 0; i < NV; ++i) part[i] = 0.0f;
+    float dpv[K], coef = 0.0f;
     if (t < tokens) {
         // The token's values go to registers first, every load in flight at once.
         const float* e = ext + t * (2 * K + 1);
@@ -764,7 +775,7 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
                 dm[i][j] = dht[c];
             }
         if (den_on_chip) {
-            sinkhorn_backward<N>(l, dm, iters, den_shared + threadIdx.x, MHC_WAVE);
+            sinkhorn_backward<N>(l, dm, iters, den_or_rows + threadIdx.x, MHC_WAVE);
         } else {
             sinkhorn_backward<N>(l, dm, iters, den + t, tokens);
         }
@@ -772,7 +783,7 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
         for (int i = 0; i < N; ++i)
 #pragma unroll
             for (int j = 0; j < N; ++j) dht[2 * N + i * N + j] = dm[i][j];
-        float dr = 0.0f, dpv[K];
+        float dr = 0.0f;
 #pragma unroll
         for (int c = 0; c < K; ++c) {
             const int g = group_of<N>(c);
@@ -782,11 +793,11 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
             dpv[c] = a * dht[c] * inv_r;
             dr -= a * dht[c] * p[c] * inv_r * inv_r;
         }
-        const float coef = dr * inv_r / (float)D;
+        coef = dr * inv_r / (float)D;
+    }
+    // The dp row, 4-byte words at row[0 ..): SPLIT's bf16 pairs as their bits, or KPAD's floats.
+    auto write_row = [&](float* row) {
         if (split_dp) {
-            float* dp_row = dp + t * SPLIT;
-            Pack<mhc_bf16, 2>* hi = reinterpret_cast<Pack<mhc_bf16, 2>*>(dp_row);
-            Pack<mhc_bf16, 2>* lo = hi + 8 * KT;
 #pragma unroll
             for (int c2 = 0; c2 < 8 * KT; ++c2) {
                 Pack<mhc_bf16, 2> h2, l2;
@@ -796,18 +807,36 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
                     h2.v[u] = v.hi;
                     l2.v[u] = v.lo;
                 }
-                hi[c2] = h2;
-                lo[c2] = l2;
+                row[c2] = *reinterpret_cast<const float*>(&h2);
+                row[8 * KT + c2] = *reinterpret_cast<const float*>(&l2);
             }
-            *reinterpret_cast<float4*>(dp_row + 16 * KT) = make_float4(coef, 0.0f, 0.0f, 0.0f);
+            row[16 * KT] = coef;
+#pragma unroll
+            for (int c = 16 * KT + 1; c < SPLIT; ++c) row[c] = 0.0f;
         } else {
-            float* dp_row = dp + t * KPAD;
 #pragma unroll
-            for (int c = 0; c < K; ++c) dp_row[c] = dpv[c];
-            dp_row[K] = coef;
+            for (int c = 0; c < K; ++c) row[c] = dpv[c];
+            row[K] = coef;
 #pragma unroll
-            for (int c = K + 1; c < KPAD; ++c) dp_row[c] = 0.0f;
+            for (int c = K + 1; c < KPAD; ++c) row[c] = 0.0f;
         }
+    };
+    // dp leaves through shared memory as one contiguous run per block: a row per thread straight
+    // to global memory (stores 144 bytes apart across the wave) kept the load/store queue full,
+    // a third of the kernel's stall samples at T = 16384 on an H200. There it took the kernel
+    // from 20.1 to 14.0 us at C = 1280; at T = 1024 (a warp per multiprocessor, a latency
+    // chain) the barriers and the copy cost 1 us (10.3 -> 11.4). The ext and dh rows brought in
+    // the same way took 16.1 and 15.8 us.
+    const int row_len = split_dp ? SPLIT : KPAD;
+    if (one_wave) {
+        __syncthreads();  // every lane is done with the denominators the rows go over
+        if (t < tokens) write_row(den_or_rows + threadIdx.x * (row_len + 1));
+        __syncthreads();
+        const int run = (tokens - t0 < MHC_WAVE ? (int)(tokens - t0) : MHC_WAVE) * row_len;
+        for (int i = threadIdx.x; i < run; i += MHC_WAVE)
+            dp[t0 * row_len + i] = den_or_rows[i / row_len * (row_len + 1) + i % row_len];
+    } else if (t < tokens) {
+        write_row(dp + t * row_len);
     }
     const float* totals = block_sum<NV>(part, scratch);
     for (int i = threadIdx.x; i < NV; i += blockDim.x) atomicAdd(&dalpha_b[i], totals[i]);
