@@ -14,9 +14,13 @@
 // - MHC_NVIDIA: 1 under nvcc, 0 under HIP (for tuning hints that only mean something on one).
 // - MHC_TENSOR_CORES: 1 where the bf16 WMMA API (<mma.h>, sm_80+) is available (nvcc), 0 on HIP,
 //   whose kernels take the FFMA path instead (same results within the spec's bounds).
+// - MHC_DYNAMIC_SHARED(name): declares `name`, the block's dynamic shared memory (unsigned char,
+//   128-byte aligned), whose size the launch gives.
 //
 // MHC_EMULATE (kernels/emulator): the same kernels as plain C++ on the CPU, with AMD's 64-lane
-// waves and the HIP paths (FFMA, plain copies), so CI runs the AMD code without an AMD GPU.
+// waves and the HIP paths (FFMA, plain copies), so CI runs the AMD code without an AMD GPU; with
+// MHC_EMULATE_NVIDIA too, 32-lane warps and the CUDA forms (tensor cores through an emulated
+// nvcuda::wmma; copies still plain), so CI runs the NVIDIA code without an NVIDIA GPU.
 #pragma once
 
 #if defined(__HIP__) || defined(__HIPCC__) || defined(MHC_EMULATE)
@@ -38,8 +42,13 @@ __device__ __forceinline__ mhc_bf16 mhc_f32_to_bf16(float v) { return mhc_bf16(v
 __device__ __forceinline__ float mhc_shfl_xor(float v, int lane_mask) { return __shfl_xor(v, lane_mask); }
 #endif
 
+#if defined(MHC_EMULATE_NVIDIA)
+#define MHC_NVIDIA 1
+#define MHC_TENSOR_CORES 1
+#else
 #define MHC_NVIDIA 0
 #define MHC_TENSOR_CORES 0
+#endif
 
 // `valid` false writes zeros (src is not read).
 __device__ __forceinline__ void mhc_copy16_async(void* dst_shared, const void* src, bool valid) {
@@ -78,6 +87,12 @@ __device__ __forceinline__ void mhc_copy4_async(void* dst_shared, const void* sr
 __device__ __forceinline__ void mhc_copy_commit() { __pipeline_commit(); }
 template <int N> __device__ __forceinline__ void mhc_copy_wait() { __pipeline_wait_prior(N); }
 
+#endif
+
+#if defined(MHC_EMULATE)
+#define MHC_DYNAMIC_SHARED(name) unsigned char* const name = emu::dynamic_shared()
+#else
+#define MHC_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 // 1/v within an ulp for normal v: the fast approximate reciprocal and one Newton step, no

@@ -1050,7 +1050,7 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     constexpr int LDP = 2 * ROW;
     static_assert(TOKC * ROW / 4 <= THREADS && TOKC * N <= THREADS, "one dp/H_pre copy per thread");
     // [STAGES][STAGE] each: x, then for SUM dx_post and du.
-    extern __shared__ __align__(128) unsigned char bwd_x_staged[];
+    MHC_DYNAMIC_SHARED(bwd_x_staged);
     bf16* s_x = reinterpret_cast<bf16*>(bwd_x_staged);
     bf16* s_post = s_x + STAGES * STAGE;
     bf16* s_du = s_post + STAGES * STAGE;

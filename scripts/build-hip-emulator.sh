@@ -8,6 +8,13 @@
 #
 # It proves the AMD kernels' logic (wave-64 reductions and shuffles, barriers, indexing, the
 # argument layouts the launch layer packs), not their speed or the AMD compiler's code.
+#
+# With --nvidia (MHC_EMULATE_NVIDIA) it builds the emulated NVIDIA GPU instead: the kernels' CUDA
+# forms (32-lane warps, the tensor-core products through an emulated nvcuda::wmma), which the
+# same HIP binary launches under NVIDIA's rules:
+#
+#   scripts/build-hip-emulator.sh --nvidia   -> .bin/nvidia-emulator/libamdhip64.so.5
+#   LD_LIBRARY_PATH=.bin/nvidia-emulator .bin/mhc-train-hip selftest --device hip
 # The kernel list of each file comes from its HIP preprocessing (clang-19, scripts/setup-hip.sh),
 # the same list the gfx942 code objects hold.
 set -euo pipefail
@@ -16,12 +23,21 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 "$repo_root/scripts/setup-hip.sh" >&2
 
-out="$repo_root/target/hip-emulator"
-lib_dir="$repo_root/.bin/hip-emulator"
+name=hip-emulator
+mode=()
+case "${1:-}" in
+  "") ;;
+  --nvidia) name=nvidia-emulator; mode=(-DMHC_EMULATE_NVIDIA) ;;
+  *) echo "usage: $0 [--nvidia]" >&2; exit 2 ;;
+esac
+out="$repo_root/target/$name"
+lib_dir="$repo_root/.bin/$name"
 mkdir -p "$out" "$lib_dir"
 # The soname the HIP binary links (Debian's HIP 5.2 runtime), which this library stands in for.
 soname=libamdhip64.so.5
-flags=(-std=c++20 -O2 -fPIC -pthread -ftls-model=initial-exec -Wall -Wno-unknown-pragmas -I kernels)
+# -fno-strict-aliasing: the kernels pun types through reinterpret_cast as CUDA code does (bf16
+# pairs stored as f32 words); g++ -O2 would otherwise drop such stores (nvcc and clang keep them).
+flags=(-std=c++20 -O2 -fPIC -pthread -ftls-model=initial-exec -fno-strict-aliasing -Wall -Wno-unknown-pragmas -I kernels -DMHC_EMULATE "${mode[@]}")
 
 objects=()
 for src in kernels/*.cu; do
@@ -35,11 +51,11 @@ for src in kernels/*.cu; do
     echo '#include "emulator/launch.h"'
     printf 'EMU_KERNEL(%s)\n' "${names[@]}"
   } >"$out/$base.emu.cpp"
-  g++ "${flags[@]}" -DMHC_EMULATE -c "$out/$base.emu.cpp" -o "$out/$base.o"
+  g++ "${flags[@]}" -c "$out/$base.emu.cpp" -o "$out/$base.o"
   objects+=("$out/$base.o")
-  echo "build-hip-emulator: $src: ${#names[@]} kernels"
+  echo "build-hip-emulator ($name): $src: ${#names[@]} kernels"
 done
-g++ "${flags[@]}" -D__HIP_PLATFORM_AMD__ -DMHC_EMULATE -c kernels/emulator/runtime.cpp -o "$out/runtime.o"
+g++ "${flags[@]}" -D__HIP_PLATFORM_AMD__ -c kernels/emulator/runtime.cpp -o "$out/runtime.o"
 # The binary asks for the hip_4.2 symbol version; exported: the HIP API only.
 printf 'hip_4.2 { global: hip*; local: *; };\n' >"$out/exports.map"
 g++ -shared -pthread -Wl,-soname,"$soname" -Wl,--version-script="$out/exports.map" -o "$lib_dir/$soname.tmp" "$out/runtime.o" "${objects[@]}"

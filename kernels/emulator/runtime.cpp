@@ -2,18 +2,23 @@
 // on the CPU, linked with the kernels compiled as C++ (kernels/emulator/device.h) into one
 // libamdhip64.so.5 (scripts/build-hip-emulator.sh). Put its folder on LD_LIBRARY_PATH and the
 // unchanged HIP binary (`mhc-train-hip selftest --device hip`) runs its kernels here.
+// Built with MHC_EMULATE_NVIDIA (`build-hip-emulator.sh --nvidia`), the same library is an
+// emulated NVIDIA GPU instead: the kernels' CUDA forms (32-lane warps, tensor-core products),
+// launched by the same HIP binary under NVIDIA's launch rules (it knows the device by its name).
 //
 // What it checks that the hardware would not report as clearly: each code object handed to
 // hipModuleLoadData must be an AMD GPU ELF, and a kernel is found only in the module whose code
 // object lists it (as on the GPU); the launch's argument buffer must have exactly the size the
 // kernel's parameter list packs to; fresh allocations hold NaN bytes (0xff), so reading memory
-// nothing wrote shows. One device, gfx942, 64-lane waves, 4 compute units (small grids keep the
+// nothing wrote shows. One device, gfx942 (its code objects list the kernels), 64-lane waves (32 for
+// NVIDIA), 4 compute units (small grids keep the
 // emulation fast; the launch rules read the count). Work runs at once on the calling thread:
 // streams, events and synchronisation are trivially in order.
 #include <hip/hip_runtime_api.h>
 
 #include <elf.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -33,6 +38,15 @@ namespace emu {
 
 constexpr int COMPUTE_UNITS = 4;
 constexpr int MAX_THREADS_PER_BLOCK = 1024;
+#if defined(MHC_EMULATE_NVIDIA)
+// As src/hip/runtime.rs's EMULATED_NVIDIA_NAME, which makes the launch layer apply NVIDIA's
+// rules (32-lane warps, tensor-core forms) to it.
+constexpr const char* DEVICE_NAME = "CPU emulation of an NVIDIA GPU (the kernels' CUDA forms, 32-lane warps)";
+constexpr std::size_t MAX_DYNAMIC_SHARED = 227 << 10;  // sm_90's opt-in limit per block
+#else
+constexpr const char* DEVICE_NAME = "CPU emulation of a 64-lane AMD GPU (gfx942)";
+constexpr std::size_t MAX_DYNAMIC_SHARED = 64 << 10;  // gfx942's LDS per workgroup
+#endif
 // Each thread of a block is a fiber (its own stack); the block's fibers take turns on the calling
 // OS thread until each one waits at a barrier or returns. Barriers are where they meet: when
 // every live thread of the block waits at __syncthreads, or every live lane of a wave waits at
@@ -102,6 +116,25 @@ void block_on(State state) {
 }
 
 void sync_block() { block_on(State::AtBlockBarrier); }
+void sync_wave() { block_on(State::AtWaveBarrier); }
+int lane_id() { return current_fiber->linear % WAVE; }
+
+// The launch's dynamic shared memory (one block runs at a time), 128-byte aligned as the GPU's
+// (the kernels declare it so, and WMMA loads from it need 32-byte alignment).
+struct DynamicShared {
+    std::unique_ptr<unsigned char[], decltype(&std::free)> bytes{nullptr, &std::free};
+    std::size_t size = 0;
+    void resize(std::size_t n) {
+        if (n > size) {
+            bytes.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (n + 127) / 128 * 128)));
+            if (!bytes) fault("out of memory for dynamic shared memory");
+        }
+        size = std::max(size, n);
+    }
+    void poison() { std::memset(bytes.get(), 0xff, size); }
+};
+thread_local DynamicShared dynamic_shared_memory;
+unsigned char* dynamic_shared() { return dynamic_shared_memory.bytes.get(); }
 
 float shuffle_xor(float v, int lane_mask) {
     Block& block = *current_block;
@@ -209,7 +242,8 @@ void run_block(Block& block) {
 thread_local std::vector<std::unique_ptr<char[]>> stacks;
 
 // Runs every block of the grid in turn.
-void run_grid(const Kernel& kernel, const Arguments& args, dim3 grid, dim3 block_shape) {
+void run_grid(const Kernel& kernel, const Arguments& args, dim3 grid, dim3 block_shape, std::size_t shared_bytes) {
+    dynamic_shared_memory.resize(shared_bytes);
     const int threads = int(block_shape.x * block_shape.y * block_shape.z);
     while (int(stacks.size()) < threads) stacks.emplace_back(new char[FIBER_STACK]);
     Block block;
@@ -231,6 +265,7 @@ void run_grid(const Kernel& kernel, const Arguments& args, dim3 grid, dim3 block
                     f.state = State::Runnable;
                     f.sp = fresh_stack(f.stack);
                 }
+                if (shared_bytes) dynamic_shared_memory.poison();
                 run_block(block);
             }
     current_block = nullptr;
@@ -303,7 +338,7 @@ hipError_t hipDeviceGetAttribute(int* value, hipDeviceAttribute_t attribute, int
 
 hipError_t hipDeviceGetName(char* name, int len, hipDevice_t device) {
     if (device != 0) return hipErrorInvalidDevice;
-    std::snprintf(name, len, "CPU emulation of a 64-lane AMD GPU (gfx942)");
+    std::snprintf(name, len, "%s", emu::DEVICE_NAME);
     return hipSuccess;
 }
 
@@ -398,9 +433,14 @@ hipError_t hipModuleGetFunction(hipFunction_t* function, hipModule_t module, con
 hipError_t hipModuleLaunchKernel(hipFunction_t f, unsigned int grid_x, unsigned int grid_y, unsigned int grid_z,
                                  unsigned int block_x, unsigned int block_y, unsigned int block_z,
                                  unsigned int shared_bytes, hipStream_t, void** kernel_params, void** extra) {
-    if (kernel_params || !extra || shared_bytes) {
-        std::fprintf(stderr, "hip-emulator: launches pass arguments in `extra` and use no dynamic shared memory\n");
+    if (kernel_params || !extra) {
+        std::fprintf(stderr, "hip-emulator: launches pass arguments in `extra`\n");
         return hipErrorNotSupported;
+    }
+    if (shared_bytes > emu::MAX_DYNAMIC_SHARED) {
+        std::fprintf(stderr, "hip-emulator: %s asks for %u bytes of dynamic shared memory, more than the %zu a block has\n",
+                     f->name.c_str(), shared_bytes, emu::MAX_DYNAMIC_SHARED);
+        return hipErrorInvalidValue;
     }
     emu::Arguments args{nullptr, 0};
     bool has_size = false;
@@ -423,7 +463,7 @@ hipError_t hipModuleLaunchKernel(hipFunction_t f, unsigned int grid_x, unsigned 
     const unsigned long long threads = 1ull * block_x * block_y * block_z;
     if (!grid_x || !grid_y || !grid_z || !threads || threads > emu::MAX_THREADS_PER_BLOCK)
         return hipErrorInvalidConfiguration;
-    emu::run_grid(*f->kernel, args, {grid_x, grid_y, grid_z}, {block_x, block_y, block_z});
+    emu::run_grid(*f->kernel, args, {grid_x, grid_y, grid_z}, {block_x, block_y, block_z}, shared_bytes);
     return hipSuccess;
 }
 

@@ -10,7 +10,13 @@
 
 namespace emu {
 
+// Lanes per wave: AMD gfx9's 64, or 32 for the emulated NVIDIA GPU (MHC_EMULATE_NVIDIA), which
+// runs the kernels' CUDA forms.
+#if defined(MHC_EMULATE_NVIDIA)
+constexpr int WAVE = 32;
+#else
 constexpr int WAVE = 64;
+#endif
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
@@ -21,6 +27,13 @@ extern thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
 
 // Barrier over the block's threads that have not returned.
 void sync_block();
+// Barrier over the live lanes of the calling thread's wave (CUDA's __syncwarp).
+void sync_wave();
+// The calling thread's lane in its wave.
+int lane_id();
+// The launch's dynamic shared memory (its size as the launch asked; 0xff bytes at each block's
+// start, so reading what the block did not write shows).
+unsigned char* dynamic_shared();
 // The value `v` of lane (this lane ^ lane_mask) of this wave.
 float shuffle_xor(float v, int lane_mask);
 

@@ -202,8 +202,8 @@ pub fn coeffs_backward<T: DeviceElem>(
         check_len(op, "h", sum.h, tokens * k)?;
     }
     let (tokens_i, d_i, iters) = (tokens as i64, d as i64, shape.sinkhorn_iters as i32);
-    // dp's row layout by the launch rule (f32 rows here: the HIP kernels have no tensor-core
-    // pass).
+    // dp's row layout by the launch rule (f32 rows on AMD, whose kernels have no tensor-core
+    // pass; split bf16 rows on the emulated NVIDIA GPU).
     let split_dp = i32::from(bwd_x_on_tensor_cores(&dev.limits, n, T::DTYPE));
     grads.dalpha_b.zero()?;
     if tokens > 0 {

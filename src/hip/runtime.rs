@@ -30,6 +30,14 @@ const HIP_LAUNCH_PARAM_END: usize = 3;
 /// gfx9 runs 64-lane waves). A device reporting another warp size cannot run them.
 pub const CODE_OBJECT_WAVE: usize = 64;
 
+/// The name of the CPU emulator of an NVIDIA GPU (`scripts/build-hip-emulator.sh --nvidia`,
+/// kernels/emulator/runtime.cpp's DEVICE_NAME): it runs the kernels' CUDA forms behind this HIP
+/// API (32-lane warps, tensor-core products), so it gets NVIDIA's launch rules, as the CUDA
+/// build's devices do. This is how CI runs the tensor-core kernels without a GPU.
+pub const EMULATED_NVIDIA_NAME: &str =
+    "CPU emulation of an NVIDIA GPU (the kernels' CUDA forms, 32-lane warps)";
+const EMULATED_NVIDIA_WAVE: usize = 32;
+
 /// The architectures with embedded code objects, e.g. ["gfx942", "gfx90a"].
 pub fn embedded_archs() -> &'static [&'static str] {
     embedded::ARCHS
@@ -134,7 +142,8 @@ unsafe impl Sync for Function {}
 
 impl Device {
     /// Opens AMD GPU `ordinal`: checks that it runs 64-lane waves, picks the embedded code
-    /// objects of its architecture and loads every module.
+    /// objects of its architecture and loads every module. (Or the emulated NVIDIA GPU, see
+    /// [`EMULATED_NVIDIA_NAME`].)
     pub fn open(ordinal: usize) -> Result<Device> {
         let count = device_count()?;
         if ordinal >= count {
@@ -164,7 +173,11 @@ impl Device {
             "multiProcessorCount",
         )?;
         let name = device_name(ordinal)?;
-        if wave != CODE_OBJECT_WAVE {
+        let emulated_nvidia = name == EMULATED_NVIDIA_NAME;
+        if emulated_nvidia && wave != EMULATED_NVIDIA_WAVE {
+            bail!("{name} reports {wave}-lane warps, not {EMULATED_NVIDIA_WAVE}")
+        }
+        if !emulated_nvidia && wave != CODE_OBJECT_WAVE {
             bail!(
                 "AMD GPU {ordinal} ({name}) runs {wave}-lane waves; the embedded kernels are \
                  built for {CODE_OBJECT_WAVE}-lane waves ({})",
@@ -179,7 +192,7 @@ impl Device {
             limits: DeviceLimits {
                 wave,
                 multiprocessors,
-                tensor_cores: false,
+                tensor_cores: emulated_nvidia,
             },
             modules,
             functions: Mutex::default(),
