@@ -27,7 +27,9 @@
 #              another regex), at T=16384 C=1280
 #                                      -> source-sass.csv.xz, source-details.csv
 #   variants   each build in .bin/variants/NAME/ (scripts/build-variant.sh;
-#              carry .bin/variants): its selftest, then the timeline's
+#              carry .bin/variants, or another folder of builds named by
+#              VARIANTS_DIR, so a set waits aside while another is
+#              measured; 64 MiB carry: 3 builds): its selftest, then the timeline's
 #              one-step profile of every variant side by side at
 #              T=1024 C=2560, T=1024 C=1280 and T=16384 C=1280, the
 #              variants in turn, twice                                   -> variants.txt
@@ -41,6 +43,7 @@ out="${OUT:-$repo_root/device-out}"
 mkdir -p "$out"
 limit="${STAGE_LIMIT_S:-300}"
 bin=.bin/mhc-train-cuda
+variants="${VARIANTS_DIR:-.bin/variants}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -180,17 +183,17 @@ for stage in "$@"; do
       ;;
     variants)
       names=()
-      for dir in .bin/variants/*/; do
+      for dir in "$variants"/*/; do
         [[ -f "$dir/test-gpu_sublayer-cuda.xz" ]] && names+=("$(basename "$dir")")
       done
       scripts/gpu-run.sh >"$out/variants.txt" 2>/dev/null  # the GPU, driver and clocks
       status=0
       if ((${#names[@]} == 0)); then
-        echo "device-check: no .bin/variants/NAME/ carried (scripts/build-variant.sh)" | tee "$out/variants.txt"
+        echo "device-check: no $variants/NAME/ carried (scripts/build-variant.sh)" | tee "$out/variants.txt"
         status=1
       fi
       for name in "${names[@]}"; do
-        dir=.bin/variants/$name
+        dir=$variants/$name
         unpack_xz "$dir/mhc-train-cuda.xz" && unpack_xz "$dir/test-gpu_sublayer-cuda.xz" || status=1
         echo "== $name (commit $(cat "$dir/commit" 2>/dev/null || echo '?')): selftest" >>"$out/variants.txt"
         run "$dir/mhc-train-cuda" selftest 2>&1 | tail -n 2 >>"$out/variants.txt" || status=1
@@ -202,7 +205,7 @@ for stage in "$@"; do
         for rep in 1 2; do
           for name in "${names[@]}"; do
             echo "-- $name T=$tokens C=$width rep=$rep" >>"$work/variants-raw.txt"
-            run_step ".bin/variants/$name/test-gpu_sublayer-cuda" "$tokens" "$width" \
+            run_step "$variants/$name/test-gpu_sublayer-cuda" "$tokens" "$width" \
               >>"$work/variants-raw.txt" 2>&1 || status=1
           done
         done
