@@ -15,6 +15,7 @@
 #
 #   scripts/build-hip-emulator.sh --nvidia   -> .bin/nvidia-emulator/libamdhip64.so.5
 #   LD_LIBRARY_PATH=.bin/nvidia-emulator .bin/mhc-train-hip selftest --device hip
+#
 # The kernel list of each file comes from its HIP preprocessing (clang-19, scripts/setup-hip.sh),
 # the same list the gfx942 code objects hold.
 set -euo pipefail
