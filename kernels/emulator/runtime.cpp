@@ -10,10 +10,10 @@
 // hipModuleLoadData must be an AMD GPU ELF, and a kernel is found only in the module whose code
 // object lists it (as on the GPU); the launch's argument buffer must have exactly the size the
 // kernel's parameter list packs to; fresh allocations hold NaN bytes (0xff), so reading memory
-// nothing wrote shows. One device, gfx942 (its code objects list the kernels), 64-lane waves (32 for
-// NVIDIA), 4 compute units (small grids keep the
-// emulation fast; the launch rules read the count). Work runs at once on the calling thread:
-// streams, events and synchronisation are trivially in order.
+// nothing wrote shows. One device, gfx942 (its code objects list the kernels), 64-lane waves (32
+// for NVIDIA), 4 compute units (small grids keep the emulation fast; the launch rules read the
+// count). Work runs at once on the calling thread: streams, events and synchronisation are
+// trivially in order.
 #include <hip/hip_runtime_api.h>
 
 #include <elf.h>

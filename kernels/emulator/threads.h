@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 namespace emu {
 
@@ -25,6 +26,8 @@ struct dim3 {
 // The calling thread's place in the launch (set by the runtime before the kernel runs).
 extern thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
 
+// Stops the process with a message: a kernel did what the GPU leaves undefined.
+[[noreturn]] void fault(const std::string& what);
 // Barrier over the block's threads that have not returned.
 void sync_block();
 // Barrier over the live lanes of the calling thread's wave (CUDA's __syncwarp).

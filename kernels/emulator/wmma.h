@@ -23,10 +23,6 @@
 
 #include "threads.h"
 
-namespace emu {
-[[noreturn]] void fault(const std::string& what);
-}
-
 typedef emu::bf16 __nv_bfloat16;
 
 namespace nvcuda {
@@ -52,7 +48,6 @@ template <> struct fragment<accumulator, 16, 16, 16, float, void> {
 };
 
 namespace detail {
-inline int lane() { return emu::lane_id(); }
 // What the _sync suffix means: the call waits until every lane of the warp has arrived, then
 // acts. So every lane loads before any lane stores over what was loaded, as on the GPU, where
 // kernels rely on it (the pass over x writes its dx tile in place of the x it loaded).
@@ -87,7 +82,7 @@ inline void fill_fragment(accumulator_fragment& f, float v) {
 }
 // Where element i of the calling lane's accumulator fragment sits in the 16 x 16 f32 tile at p.
 inline std::size_t accumulator_offset(unsigned ldm, layout_t layout, int i) {
-    const int l = detail::lane(), r = detail::row_of(l, i), c = detail::col_of(l, i);
+    const int l = emu::lane_id(), r = detail::row_of(l, i), c = detail::col_of(l, i);
     return layout == mem_row_major ? r * ldm + c : c * ldm + r;
 }
 inline void load_matrix_sync(accumulator_fragment& f, const float* p, unsigned ldm, layout_t layout) {
@@ -106,7 +101,7 @@ template <typename LayoutA, typename LayoutB>
 inline void mma_sync(accumulator_fragment& d, const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA>& a,
                      const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB>& b, const accumulator_fragment& c) {
     detail::arrive();
-    const int l = detail::lane();
+    const int l = emu::lane_id();
     float out[accumulator_fragment::num_elements];
     for (int i = 0; i < accumulator_fragment::num_elements; ++i) {
         const int r = detail::row_of(l, i), col = detail::col_of(l, i);

@@ -174,13 +174,15 @@ impl Device {
         )?;
         let name = device_name(ordinal)?;
         let emulated_nvidia = name == EMULATED_NVIDIA_NAME;
-        if emulated_nvidia && wave != EMULATED_NVIDIA_WAVE {
-            bail!("{name} reports {wave}-lane warps, not {EMULATED_NVIDIA_WAVE}")
-        }
-        if !emulated_nvidia && wave != CODE_OBJECT_WAVE {
+        let kernel_wave = if emulated_nvidia {
+            EMULATED_NVIDIA_WAVE
+        } else {
+            CODE_OBJECT_WAVE
+        };
+        if wave != kernel_wave {
             bail!(
-                "AMD GPU {ordinal} ({name}) runs {wave}-lane waves; the embedded kernels are \
-                 built for {CODE_OBJECT_WAVE}-lane waves ({})",
+                "GPU {ordinal} ({name}) runs {wave}-lane waves; its kernels are built for \
+                 {kernel_wave}-lane waves ({})",
                 embedded_archs().join(", ")
             )
         }
