@@ -26,13 +26,15 @@
 #              and the two per-token Sinkhorn kernels (SOURCE_KERNELS:
 #              another regex), at T=16384 C=1280
 #                                      -> source-sass.csv.xz, source-details.csv
-#   variants   each build in .bin/variants/NAME/ (scripts/build-variant.sh;
-#              carry .bin/variants, or another folder of builds named by
-#              VARIANTS_DIR, so a set waits aside while another is
-#              measured; 64 MiB carry: 3 builds): its selftest, then the timeline's
-#              one-step profile of every variant side by side at
-#              T=1024 C=2560, T=1024 C=1280 and T=16384 C=1280, the
-#              variants in turn, twice                                   -> variants.txt
+#   variants   each build in .bin/variants.tar.xz (scripts/pack-variants.sh:
+#              a dozen builds in one carry) or else in .bin/variants/NAME/
+#              (scripts/build-variant.sh; carry .bin/variants, or another
+#              folder of builds named by VARIANTS_DIR; 3 builds per carry):
+#              its selftest, then the timeline's one-step profile of every
+#              variant side by side at T=1024 C=1280, T=16384 C=1280 and
+#              T=1024 C=2560, the variants in turn, twice; the table is
+#              rewritten after each size, so a call cut short keeps the
+#              sizes it finished                                         -> variants.txt
 # STAGE_LIMIT_S (default 300) bounds each stage; a stage that fails or runs out is reported and
 # the next one still runs. At most 8 files come back from $OUT, so the stages write no more.
 set -uo pipefail
@@ -48,7 +50,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 if (($# == 0)); then
-  sed -n '2,35p' "${BASH_SOURCE[0]}"
+  sed -n '2,37p' "${BASH_SOURCE[0]}"
   exit 2
 fi
 for stage in "$@"; do
@@ -182,25 +184,38 @@ for stage in "$@"; do
         run ncu -i "$work/source.ncu-rep" --page details --csv >"$out/source-details.csv"
       ;;
     variants)
+      if [[ -f .bin/variants.tar.xz ]]; then
+        variants=$work/variants
+        mkdir -p "$variants"
+        if command -v xz >/dev/null; then
+          tar -xJf .bin/variants.tar.xz -C "$variants"
+        else
+          python3 -m tarfile -e .bin/variants.tar.xz "$variants"
+        fi
+      fi
       names=()
       for dir in "$variants"/*/; do
-        [[ -f "$dir/test-gpu_sublayer-cuda.xz" ]] && names+=("$(basename "$dir")")
+        [[ -f "$dir/test-gpu_sublayer-cuda.xz" || -f "$dir/test-gpu_sublayer-cuda" ]] && names+=("$(basename "$dir")")
       done
-      scripts/gpu-run.sh >"$out/variants.txt" 2>/dev/null  # the GPU, driver and clocks
+      scripts/gpu-run.sh >"$work/variants-head.txt" 2>/dev/null  # the GPU, driver and clocks
       status=0
       if ((${#names[@]} == 0)); then
-        echo "device-check: no $variants/NAME/ carried (scripts/build-variant.sh)" | tee "$out/variants.txt"
+        echo "device-check: no .bin/variants.tar.xz (scripts/pack-variants.sh) and no $variants/NAME/ (scripts/build-variant.sh) carried" |
+          tee "$out/variants.txt"
         status=1
       fi
       for name in "${names[@]}"; do
         dir=$variants/$name
-        unpack_xz "$dir/mhc-train-cuda.xz" && unpack_xz "$dir/test-gpu_sublayer-cuda.xz" || status=1
-        echo "== $name (commit $(cat "$dir/commit" 2>/dev/null || echo '?')): selftest" >>"$out/variants.txt"
-        run "$dir/mhc-train-cuda" selftest 2>&1 | tail -n 2 >>"$out/variants.txt" || status=1
+        for exe in mhc-train-cuda test-gpu_sublayer-cuda; do
+          [[ ! -f "$dir/$exe.xz" ]] || unpack_xz "$dir/$exe.xz" || status=1
+        done
+        echo "== $name (commit $(cat "$dir/commit" 2>/dev/null || echo '?')): selftest" >>"$work/variants-head.txt"
+        run "$dir/mhc-train-cuda" selftest 2>&1 | tail -n 2 >>"$work/variants-head.txt" || status=1
+        cp "$work/variants-head.txt" "$out/variants.txt"
       done
       # The variants in turn, twice, so that a drift of the clocks or of the machine's load
       # shows up as a spread of one variant's repetitions rather than as a gap between two.
-      for size in "1024 2560" "1024 1280" "16384 1280"; do
+      for size in "1024 1280" "16384 1280" "1024 2560"; do
         read -r tokens width <<<"$size"
         for rep in 1 2; do
           for name in "${names[@]}"; do
@@ -209,8 +224,9 @@ for stage in "$@"; do
               >>"$work/variants-raw.txt" 2>&1 || status=1
           done
         done
+        { cat "$work/variants-head.txt" && python3 scripts/timeline-table.py "$work/variants-raw.txt"; } >"$out/variants.txt"
       done
-      ((${#names[@]} == 0)) || python3 scripts/timeline-table.py "$work/variants-raw.txt" | tee -a "$out/variants.txt"
+      cat "$out/variants.txt"
       ((status == 0))
       ;;
   esac
