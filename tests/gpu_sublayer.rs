@@ -77,7 +77,12 @@ impl Sublayer {
         let (phi, alpha_b) = (&self.phi, self.alpha_b.as_tensor());
         let f = |u: &Tensor| rms_norm(u, &self.gamma);
         if chained {
-            Ok(ops::sublayer(x, Some(phi), alpha_b, shape, f)?.0)
+            // The trainer's path: F's RMSNorm fused into pre.
+            let norm = ops::PreNorm {
+                gamma: self.gamma.as_tensor(),
+                eps: RMS_NORM_EPS,
+            };
+            Ok(ops::sublayer_normed(x, Some(phi), alpha_b, shape, norm, |y| Ok(y.clone()))?.0)
         } else {
             let (alpha, b) = split_alpha_b(alpha_b, shape)?;
             let h = ops::coeffs(x, Some(phi), &alpha, &b, shape)?;

@@ -1,8 +1,8 @@
 //! The AMD (HIP) path without an AMD GPU:
-//! - both launch layers (src/gpu/{mhc,chain,rms_norm}.rs for CUDA, src/hip/{mhc,rms_norm}.rs for
-//!   HIP) pass every kernel the argument list of the one table in src/gpu/mod.rs, in order,
-//!   writable exactly where the table says the kernel writes, and both launch every kernel of the
-//!   table (read from the sources; runs in every build);
+//! - both launch layers (src/gpu/{mhc,chain,pre_norm,rms_norm}.rs for CUDA,
+//!   src/hip/{mhc,pre_norm,rms_norm}.rs for HIP) pass every kernel the argument list of the one
+//!   table in src/gpu/mod.rs, in order, writable exactly where the table says the kernel writes,
+//!   and both launch every kernel of the table (read from the sources; runs in every build);
 //! - with `--features hip`: every embedded gfx942/gfx90a code object holds every kernel of the
 //!   table with exactly the argument layout the HIP layer packs (AMD kernel metadata via
 //!   llvm-readelf-19); the packer refuses arguments the table does not list; with no AMD GPU,
@@ -11,11 +11,11 @@
 use mhc_train::gpu::{
     Arg, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_BWD_X_SUM, COEFFS_FINISH,
     COEFFS_PROJECT, COEFFS_STATIC, KERNELS, POST_BWD, POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_BWD_SUM,
-    PRE_FWD, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
+    PRE_FWD, PRE_NORM_BWD, PRE_NORM_FWD, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
 };
 
 /// The table's constants by name, as the launch layers spell them.
-const SPECS: [(&str, KernelSpec); 15] = [
+const SPECS: [(&str, KernelSpec); 17] = [
     ("COEFFS_STATIC", COEFFS_STATIC),
     ("COEFFS_PROJECT", COEFFS_PROJECT),
     ("COEFFS_FINISH", COEFFS_FINISH),
@@ -28,6 +28,8 @@ const SPECS: [(&str, KernelSpec); 15] = [
     ("PRE_BWD_SUM", PRE_BWD_SUM),
     ("POST_FWD", POST_FWD),
     ("POST_BWD", POST_BWD),
+    ("PRE_NORM_FWD", PRE_NORM_FWD),
+    ("PRE_NORM_BWD", PRE_NORM_BWD),
     ("RMS_NORM_FWD", RMS_NORM_FWD),
     ("RMS_NORM_BWD", RMS_NORM_BWD),
     ("RMS_NORM_DGAMMA_SUM", RMS_NORM_DGAMMA_SUM),
@@ -37,8 +39,17 @@ const SPECS: [(&str, KernelSpec); 15] = [
 type Launch = (String, Vec<(String, bool)>);
 
 /// The launch layers' source files, relative to the crate root.
-const CUDA_LAYER: [&str; 3] = ["src/gpu/mhc.rs", "src/gpu/chain.rs", "src/gpu/rms_norm.rs"];
-const HIP_LAYER: [&str; 2] = ["src/hip/mhc.rs", "src/hip/rms_norm.rs"];
+const CUDA_LAYER: [&str; 4] = [
+    "src/gpu/mhc.rs",
+    "src/gpu/chain.rs",
+    "src/gpu/pre_norm.rs",
+    "src/gpu/rms_norm.rs",
+];
+const HIP_LAYER: [&str; 3] = [
+    "src/hip/mhc.rs",
+    "src/hip/pre_norm.rs",
+    "src/hip/rms_norm.rs",
+];
 
 /// Every launch of a layer's files, by `parse`.
 fn layer_launches(files: &[&str], parse: fn(&str) -> Vec<Launch>) -> Vec<Launch> {

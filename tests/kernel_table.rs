@@ -11,8 +11,8 @@ use mhc_train::gpu::{
     bwd_row_len, bwd_x_on_tensor_cores, bwd_x_resident_blocks, project_resident_blocks, Arg,
     DeviceLimits, Elem, ACCUMULATE_BLOCKS_PER_MULTIPROCESSOR, ACCUMULATE_ROWS_PER_BLOCK,
     BWD_X_ELEMS_PER_THREAD, BWD_X_TOKEN_CHUNK, COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT,
-    DGAMMA_SUM_COLUMNS, FINISH_TOKENS, KERNELS, MAX_STREAMS, MIN_STREAMS, PROJECT_CHUNK,
-    PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
+    DGAMMA_SUM_COLUMNS, FINISH_TOKENS, KERNELS, MAX_STREAMS, MIN_STREAMS, PRE_NORM_BWD,
+    PRE_NORM_FWD, PROJECT_CHUNK, PROJECT_TOKENS, RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD,
 };
 use mhc_train::mhc::MhcShape;
 use std::collections::HashMap;
@@ -149,8 +149,8 @@ fn every_table_kernel_is_exported_with_the_table_arguments() {
     // 6 mHC families of 14 symbols (2 dtypes x 7 n), 3 of 7 (n only: static, finish, per-token
     // backward), the RMSNorm pair (2 dtypes each) and its dgamma sum (one), the 3 chained
     // families of 14 (coefficient backward summing dx, pre backward without dx, pre backward
-    // adding post's dx).
-    assert_eq!(checked, 6 * 14 + 3 * 7 + 2 * 2 + 1 + 3 * 14);
+    // adding post's dx), and pre with the RMSNorm fused, 2 families of 14.
+    assert_eq!(checked, 6 * 14 + 3 * 7 + 2 * 2 + 1 + 3 * 14 + 2 * 14);
 }
 
 #[test]
@@ -212,6 +212,33 @@ fn rms_norm_launch_rules() {
         RMS_NORM_FWD.symbol(DType::BF16, 0).unwrap(),
         "rms_norm_fwd_bf16"
     );
+}
+
+#[test]
+fn pre_norm_launch_rules() {
+    let limits = DeviceLimits {
+        wave: 32,
+        multiprocessors: 132,
+        tensor_cores: true,
+    };
+    let shape = |streams, width| MhcShape {
+        streams,
+        width,
+        sinkhorn_iters: 20,
+        dynamic: true,
+    };
+    // n = 4, C = 1280 bf16: 16-byte chunks of 8 -> 160 threads per token row, as the RMSNorm's;
+    // n = 8 takes 8-byte chunks (its 8 rows of x live in registers at once): 320 -> 256.
+    let fwd = PRE_NORM_FWD.geometry(&limits, &shape(4, 1280), DType::BF16, 16384);
+    assert_eq!((fwd.block, fwd.grid), (160, (32 * 132, 1)));
+    let wide = PRE_NORM_FWD.geometry(&limits, &shape(8, 1280), DType::BF16, 16384);
+    assert_eq!(wide.block, 256);
+    // The backward's grid: six 160-thread blocks per multiprocessor at T = 16384 (the dgamma
+    // partial rows it writes: 792 x C), a block per two tokens at T = 1024.
+    let bwd = PRE_NORM_BWD.geometry(&limits, &shape(4, 1280), DType::BF16, 16384);
+    assert_eq!((bwd.block, bwd.grid), (160, (6 * 132, 1)));
+    let short = PRE_NORM_BWD.geometry(&limits, &shape(4, 1280), DType::BF16, 1024);
+    assert_eq!(short.grid, (512, 1));
 }
 
 #[test]

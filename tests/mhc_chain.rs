@@ -1,8 +1,9 @@
 //! The chained sublayer (`ops::sublayer`, dx written once by the coefficient backward) on the
 //! CPU: its output and every gradient (x, phi, alpha, b, gamma of F = RMSNorm) equal those of the
 //! unchained ops (coeffs -> pre -> F -> post, candle adding three dx) and of the f64 candle-ops
-//! reference, in dynamic and static mode, f32 and bf16 storage. Also: a loss that reaches x'
-//! but whose F ignores u (pre's backward never runs) still gives the right dx.
+//! reference, in dynamic and static mode, f32 and bf16 storage; so do those of the chained
+//! sublayer with the RMSNorm fused into pre (`ops::sublayer_normed`). Also: a loss that reaches
+//! x' but whose F ignores u (pre's backward never runs) still gives the right dx.
 
 use candle_core::{DType, Device, Tensor, Var};
 use mhc_train::mhc::{ops, reference, MhcShape};
@@ -14,6 +15,8 @@ use rand_distr::{Distribution, Normal};
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Chained,
+    /// Chained, F's RMSNorm fused into pre.
+    Normed,
     Unchained,
     Reference,
 }
@@ -129,6 +132,19 @@ fn run(case: &Case, path: Path, dtype: DType, f_uses_u: bool) -> Vec<Tensor> {
                 .unwrap()
                 .0
         }
+        Path::Normed => {
+            assert!(f_uses_u, "the fused norm normalises u");
+            let alpha_b = Tensor::cat(&[alpha.as_tensor(), b.as_tensor()], 0).unwrap();
+            let norm = ops::PreNorm {
+                gamma: gamma.as_tensor(),
+                eps: 1e-6,
+            };
+            ops::sublayer_normed(&x, phi.as_deref(), &alpha_b, &case.shape, norm, |y| {
+                Ok(y.clone())
+            })
+            .unwrap()
+            .0
+        }
         Path::Unchained => {
             let h = ops::coeffs(&x, phi.as_deref(), &alpha, &b, &case.shape).unwrap();
             let u = ops::pre(&x, &h, &case.shape).unwrap();
@@ -193,6 +209,7 @@ fn chained_sublayer_matches_unchained_and_reference() {
                 seed += 1;
                 let case = case(n, c, t, dynamic, seed);
                 let chained = run(&case, Path::Chained, dtype, true);
+                let normed = run(&case, Path::Normed, dtype, true);
                 let unchained = run(&case, Path::Unchained, dtype, true);
                 let oracle = run(&case, Path::Reference, dtype, true);
                 let names: &[&str] = if dynamic {
@@ -210,6 +227,14 @@ fn chained_sublayer_matches_unchained_and_reference() {
                         vs_unchained < same && vs_oracle < tol,
                         "{name} n={n} C={c} T={t} dynamic={dynamic} {dtype:?}: vs unchained \
                          {vs_unchained:e}, vs reference {vs_oracle:e}"
+                    );
+                    // The fused norm's CPU path is pre's and RMSNorm's code in turn.
+                    let normed_vs_chained = rel_err(&normed[i], &chained[i]);
+                    let normed_vs_oracle = rel_err(&normed[i], &oracle[i]);
+                    assert!(
+                        normed_vs_chained < same && normed_vs_oracle < tol,
+                        "normed {name} n={n} C={c} T={t} dynamic={dynamic} {dtype:?}: vs \
+                         chained {normed_vs_chained:e}, vs reference {normed_vs_oracle:e}"
                     );
                 }
             }

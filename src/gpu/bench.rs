@@ -27,7 +27,7 @@ use anyhow::{bail, Context};
 use candle_core::cuda_backend::cudarc::driver::sys::{self, CUevent_flags};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
+use candle_core::{CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
 use std::sync::Arc;
 
 /// Bytes of the L2 flush write: well above the 50-60 MB L2 of an H100/H200.
@@ -240,9 +240,13 @@ impl Sublayer {
         let phi = self.phi.as_ref().map(|p| p.as_tensor());
         let alpha_b = self.alpha_b.as_tensor();
         if fused {
-            // The trainer's path: the chained sublayer (dx written once in the backward).
-            let f = |u: &Tensor| rms_norm(u, self.gamma.as_tensor());
-            Ok(ops::sublayer(x, phi, alpha_b, shape, f)?.0)
+            // The trainer's path: the chained sublayer (dx written once in the backward), F's
+            // RMSNorm fused into pre.
+            let norm = ops::PreNorm {
+                gamma: self.gamma.as_tensor(),
+                eps: RMS_NORM_EPS,
+            };
+            Ok(ops::sublayer_normed(x, phi, alpha_b, shape, norm, |y| Ok(y.clone()))?.0)
         } else {
             // The reference takes alpha and b apart (views, no copies).
             let (alpha, b) = split_alpha_b(alpha_b, shape)?;
@@ -437,7 +441,8 @@ impl Bench {
     /// with the bytes it must move (X = T*n*C, U = T*C elements): coeffs fwd X, bwd 2X (read x, write
     /// dx); pre fwd X + U, bwd 2X + U; post fwd 2X + U, bwd 3X + 2U; the chained sublayer's pieces:
     /// coeffs bwd summing dx 3X + U (read x, dx_post, du, write dx), pre bwd dh only X + U; F =
-    /// RMSNorm fwd 2U, bwd 3U.
+    /// RMSNorm fwd 2U, bwd 3U; pre with the RMSNorm fused (what the trainer runs in place of the
+    /// last three) fwd X + U, bwd X + 2U (read x and dy, write du).
     pub fn ops_alone(
         &self,
         tokens: usize,
@@ -482,7 +487,7 @@ impl Bench {
             );
             let gamma = layer.gamma.as_tensor();
             type Step<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
-            let steps: [(&str, f64, Step); 10] = [
+            let steps: [(&str, f64, Step); 12] = [
                 (
                     "coeffs fwd",
                     xb,
@@ -565,6 +570,36 @@ impl Bench {
                     3.0 * ub,
                     Box::new(|| {
                         super::rms_norm::backward(RMS_NORM_EPS, &y, gamma, &y)?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "pre + rmsnorm fwd (fused)",
+                    xb + ub,
+                    Box::new(|| {
+                        let (x_g, x_l) = x.storage_and_layout();
+                        let (h_g, h_l) = h.storage_and_layout();
+                        let (gamma_g, gamma_l) = gamma.storage_and_layout();
+                        let (Storage::Cuda(x_s), Storage::Cuda(h_s), Storage::Cuda(gamma_s)) =
+                            (&*x_g, &*h_g, &*gamma_g)
+                        else {
+                            bail!("bench: pre + rmsnorm inputs are not on the CUDA device")
+                        };
+                        super::pre_norm::forward(
+                            &shape,
+                            RMS_NORM_EPS,
+                            (x_s, x_l),
+                            (h_s, h_l),
+                            (gamma_s, gamma_l),
+                        )?;
+                        Ok(())
+                    }),
+                ),
+                (
+                    "pre + rmsnorm bwd (fused)",
+                    xb + 2.0 * ub,
+                    Box::new(|| {
+                        super::pre_norm::backward(&shape, RMS_NORM_EPS, &x, &h, gamma, &y)?;
                         Ok(())
                     }),
                 ),

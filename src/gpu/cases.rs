@@ -173,6 +173,9 @@ pub fn cases() -> Vec<Case> {
     cases
 }
 
+/// Mixed into a case's seed for its RMSNorm's gamma ("norm").
+const NORM_STREAM: u64 = 0x6e6f_726d;
+
 /// One mHC case's inputs, on the host: x and y rounded to the storage dtype (kept as f32
 /// values, so the fused side and the f64 oracle see the same numbers); parameters in f32; the
 /// loss weights W1 (`w_post`, of x') and W2 (`w_pre`, of u) rounded to the storage dtype too: a
@@ -188,6 +191,9 @@ pub struct MhcInputs {
     pub b: Vec<f32>,
     pub w_post: Vec<f32>,
     pub w_pre: Vec<f32>,
+    /// [C]: the RMSNorm fused into pre (`oracle(true)`), 1 + N(0, 0.3^2) as in the RMSNorm
+    /// cases; drawn from its own stream, so a seed's other inputs are those of earlier runs.
+    pub gamma: Vec<f32>,
 }
 
 /// Forward outputs and gradients of one implementation, as f64 (None: not produced).
@@ -199,7 +205,10 @@ pub struct MhcResults {
     pub dphi: Option<Vec<f64>>,
     pub dalpha: Option<Vec<f64>>,
     pub db: Vec<f64>,
-    pub dy: Vec<f64>,
+    /// None with the RMSNorm fused into pre (y is then F's output, not an input).
+    pub dy: Option<Vec<f64>>,
+    /// Only with the RMSNorm fused into pre.
+    pub dgamma: Option<Vec<f64>>,
 }
 
 impl MhcInputs {
@@ -237,6 +246,11 @@ impl MhcInputs {
             vec![0.0; 3]
         };
         let b = normal(&mut rng, k, case.scale);
+        let mut norm_rng = ChaCha8Rng::seed_from_u64(seed ^ NORM_STREAM);
+        let gamma = normal(&mut norm_rng, c, 0.3)
+            .iter()
+            .map(|g| 1.0 + g)
+            .collect();
         Ok(Self {
             shape,
             tokens: t,
@@ -247,12 +261,14 @@ impl MhcInputs {
             b,
             w_post,
             w_pre,
+            gamma,
         })
     }
 
-    /// The candle-ops reference (`mhc::reference`) in f64 on the CPU, gradients of
-    /// sum(W1 * x') + sum(W2 * u) by autograd.
-    pub fn oracle(&self) -> anyhow::Result<MhcResults> {
+    /// The candle-ops reference (`mhc::reference`) in f64 on the CPU, gradients by autograd: of
+    /// sum(W1 * x') + sum(W2 * u) with y given, or (`normed`) of sum(W1 * x') with y =
+    /// RMSNorm(u) * gamma (eps `RMS_NORM_EPS`), reported in u's place.
+    pub fn oracle(&self, normed: bool) -> anyhow::Result<MhcResults> {
         let shape = &self.shape;
         let (t, n, c, k) = (self.tokens, shape.streams, shape.width, shape.k());
         let cpu = &Device::Cpu;
@@ -267,11 +283,23 @@ impl MhcInputs {
         let phi = self.phi.as_ref().map(|p| var(p, &[n * c, k])).transpose()?;
         let alpha = var(&self.alpha, &[3])?;
         let b = var(&self.b, &[k])?;
+        let gamma = var(&self.gamma, &[c])?;
         let h = reference::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
         let u = reference::pre(&x, &h, shape)?;
-        let x_out = reference::post(&x, &h, &y, shape)?;
-        let loss = ((&x_out * f64_tensor(&self.w_post, &[t, n, c])?)?.sum_all()?
-            + (&u * f64_tensor(&self.w_pre, &[t, c])?)?.sum_all()?)?;
+        let (u, x_out, loss) = if normed {
+            let ms = u.sqr()?.mean_keepdim(D::Minus1)?;
+            let y_n = u
+                .broadcast_div(&(ms + RMS_NORM_EPS)?.sqrt()?)?
+                .broadcast_mul(&gamma)?;
+            let x_out = reference::post(&x, &h, &y_n, shape)?;
+            let loss = (&x_out * f64_tensor(&self.w_post, &[t, n, c])?)?.sum_all()?;
+            (y_n, x_out, loss)
+        } else {
+            let x_out = reference::post(&x, &h, &y, shape)?;
+            let loss = ((&x_out * f64_tensor(&self.w_post, &[t, n, c])?)?.sum_all()?
+                + (&u * f64_tensor(&self.w_pre, &[t, c])?)?.sum_all()?)?;
+            (u, x_out, loss)
+        };
         let grads = loss.backward()?;
         let flat = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
         let grad =
@@ -287,7 +315,8 @@ impl MhcInputs {
             dphi: phi.as_ref().map(grad).transpose()?.flatten(),
             dalpha: grad(&alpha)?,
             db: needed(&b, "b")?,
-            dy: needed(&y, "y")?,
+            dy: (!normed).then(|| needed(&y, "y")).transpose()?,
+            dgamma: normed.then(|| needed(&gamma, "gamma")).transpose()?,
         })
     }
 }
@@ -300,7 +329,7 @@ pub fn mhc_errors(
     oracle: &MhcResults,
 ) -> anyhow::Result<Vec<(String, f64)>> {
     type Pair<'a> = (&'static str, Option<&'a [f64]>, Option<&'a [f64]>);
-    let pairs: [Pair; 8] = [
+    let pairs: [Pair; 9] = [
         ("H", Some(&fused.h), Some(&oracle.h)),
         ("u", Some(&fused.u), Some(&oracle.u)),
         ("x'", Some(&fused.x_out), Some(&oracle.x_out)),
@@ -308,10 +337,13 @@ pub fn mhc_errors(
         ("dphi", fused.dphi.as_deref(), oracle.dphi.as_deref()),
         ("dalpha", fused.dalpha.as_deref(), oracle.dalpha.as_deref()),
         ("db", Some(&fused.db), Some(&oracle.db)),
-        ("dy", Some(&fused.dy), Some(&oracle.dy)),
+        ("dy", fused.dy.as_deref(), oracle.dy.as_deref()),
+        ("dgamma", fused.dgamma.as_deref(), oracle.dgamma.as_deref()),
     ];
+    // dy and dgamma: one or the other, by whether the RMSNorm ran fused into pre.
     pairs
         .into_iter()
+        .filter(|(_, a, b)| a.is_some() || b.is_some())
         .map(|(name, a, b)| Ok((format!("{prefix}{name}"), rel_err(name, a, b)?)))
         .collect()
 }

@@ -39,6 +39,7 @@ fn image(module: Module) -> &'static [u8] {
         Module::Coeffs => embedded::MHC_COEFFS,
         Module::Pre => embedded::MHC_PRE,
         Module::Post => embedded::MHC_POST,
+        Module::PreNorm => embedded::MHC_PRE_NORM,
         Module::RmsNorm => embedded::RMS_NORM,
     }
 }

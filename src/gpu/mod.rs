@@ -18,6 +18,8 @@ pub mod chain;
 #[cfg(feature = "cuda")]
 pub mod mhc;
 #[cfg(feature = "cuda")]
+pub mod pre_norm;
+#[cfg(feature = "cuda")]
 pub mod rms_norm;
 #[cfg(feature = "cuda")]
 pub mod selftest;
@@ -43,11 +45,18 @@ pub enum Module {
     Coeffs,
     Pre,
     Post,
+    PreNorm,
     RmsNorm,
 }
 
 impl Module {
-    pub const ALL: [Module; 4] = [Module::Coeffs, Module::Pre, Module::Post, Module::RmsNorm];
+    pub const ALL: [Module; 5] = [
+        Module::Coeffs,
+        Module::Pre,
+        Module::Post,
+        Module::PreNorm,
+        Module::RmsNorm,
+    ];
 
     /// The file stem under kernels/.
     pub fn stem(self) -> &'static str {
@@ -55,6 +64,7 @@ impl Module {
             Module::Coeffs => "mhc_coeffs",
             Module::Pre => "mhc_pre",
             Module::Post => "mhc_post",
+            Module::PreNorm => "mhc_pre_norm",
             Module::RmsNorm => "rms_norm",
         }
     }
@@ -666,6 +676,50 @@ pub const POST_BWD: KernelSpec = KernelSpec {
     grid: Grid::BlockPerToken,
 };
 
+/// pre followed by F's leading RMSNorm, fused (`crate::mhc::ops::sublayer` with a norm):
+/// y = RMSNorm(sum_j H_pre[j] x_j) * gamma, u never stored. eps as in `RMS_NORM_FWD`. One block
+/// per pair of tokens at a time, grid-stride.
+pub const PRE_NORM_FWD: KernelSpec = KernelSpec {
+    module: Module::PreNorm,
+    stem: "mhc_pre_norm_fwd",
+    per_dtype: true,
+    per_streams: true,
+    args: &[
+        In("x", Storage),
+        In("h", F32),
+        In("gamma", F32),
+        Out("y", Storage),
+        I64("tokens"),
+        I64("C"),
+        I64("eps_bits"),
+    ],
+    block: Block::Row,
+    grid: Grid::BlockPerToken,
+};
+
+/// Its backward from dy: du [T, C] written, dh's pre columns <du, x_j> (the others 0), and each
+/// block's dgamma sum in its row of dgamma_partial [blocks, C] (`RMS_NORM_DGAMMA_SUM` adds them).
+pub const PRE_NORM_BWD: KernelSpec = KernelSpec {
+    module: Module::PreNorm,
+    stem: "mhc_pre_norm_bwd",
+    per_dtype: true,
+    per_streams: true,
+    args: &[
+        In("x", Storage),
+        In("h", F32),
+        In("gamma", F32),
+        In("dy", Storage),
+        Out("du", Storage),
+        Out("dh", F32),
+        Out("dgamma_partial", F32),
+        I64("tokens"),
+        I64("C"),
+        I64("eps_bits"),
+    ],
+    block: Block::Row,
+    grid: Grid::RowsAccumulate,
+};
+
 /// RMSNorm forward (`crate::model::rms_norm`): y = x / sqrt(mean(x^2) + eps) * gamma over rows
 /// of C. eps is the bit pattern of an f64 (`f64::to_bits`). One block per row, grid-stride.
 pub const RMS_NORM_FWD: KernelSpec = KernelSpec {
@@ -725,7 +779,7 @@ pub const RMS_NORM_DGAMMA_SUM: KernelSpec = KernelSpec {
 
 /// Every kernel family, for checks that walk them all; both launch layers (CUDA and HIP) launch
 /// each of them (tests/hip.rs).
-pub const KERNELS: [KernelSpec; 15] = [
+pub const KERNELS: [KernelSpec; 17] = [
     COEFFS_STATIC,
     COEFFS_PROJECT,
     COEFFS_FINISH,
@@ -738,6 +792,8 @@ pub const KERNELS: [KernelSpec; 15] = [
     PRE_BWD_SUM,
     POST_FWD,
     POST_BWD,
+    PRE_NORM_FWD,
+    PRE_NORM_BWD,
     RMS_NORM_FWD,
     RMS_NORM_BWD,
     RMS_NORM_DGAMMA_SUM,

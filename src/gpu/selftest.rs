@@ -1,7 +1,8 @@
 //! The fused mHC kernels on a CUDA device against the candle-ops reference in f64 on the CPU
 //! (spec/mhc.md, "Numerics and tests"): forward outputs (H, u, x') and every gradient (x, phi,
-//! alpha, b, y) of the loss sum(W1 * x') + sum(W2 * u), relative error ||out - ref|| / ||ref||
-//! below 1e-5 for f32 storage and 1e-2 for bf16 storage, over f32/bf16, n in {2, 4, 8}, odd and
+//! alpha, b, y) of the loss sum(W1 * x') + sum(W2 * u), and with F = RMSNorm fused into pre
+//! (y = RMSNorm(u) * gamma in u's place, dgamma in y's) of sum(W1 * x'); relative error
+//! ||out - ref|| / ||ref|| below 1e-5 for f32 storage and 1e-2 for bf16 storage, over f32/bf16, n in {2, 4, 8}, odd and
 //! vector-aligned C, several T, logit scales 0.01 / 1 / 3, static and dynamic mode. Every output
 //! buffer the kernels write is NaN-poisoned first (`set_poison_outputs`), and every element is
 //! checked finite: a NaN or an unwritten element never passes.
@@ -42,7 +43,23 @@ fn fused(
         .transpose()?;
     let alpha = var(&inp.alpha, &[3], DType::F32)?;
     let b = var(&inp.b, &[k], DType::F32)?;
+    let gamma = var(&inp.gamma, &[c], DType::F32)?;
     let (h, u, x_out) = match chaining {
+        Chaining::Normed => {
+            // F = the RMSNorm alone: g hands y_n back, reported in u's place.
+            let mut y_n = None;
+            let alpha_b = Tensor::cat(&[alpha.as_tensor(), b.as_tensor()], 0)?;
+            let norm = ops::PreNorm {
+                gamma: gamma.as_tensor(),
+                eps: RMS_NORM_EPS,
+            };
+            let (x_out, h) =
+                ops::sublayer_normed(&x, phi.as_deref(), &alpha_b, shape, norm, |y_in| {
+                    y_n = Some(y_in.clone());
+                    Ok(y_in.clone())
+                })?;
+            (h, y_n.context("sublayer did not call F")?, x_out)
+        }
         Chaining::Chained => {
             // F hands back the independent y and keeps u for the loss.
             let mut u = None;
@@ -62,8 +79,10 @@ fn fused(
             )
         }
     };
-    let loss = ((x_out.to_dtype(DType::F32)? * tensor(&inp.w_post, &[t, n, c])?)?.sum_all()?
-        + (u.to_dtype(DType::F32)? * tensor(&inp.w_pre, &[t, c])?)?.sum_all()?)?;
+    let mut loss = (x_out.to_dtype(DType::F32)? * tensor(&inp.w_post, &[t, n, c])?)?.sum_all()?;
+    if chaining != Chaining::Normed {
+        loss = (loss + (u.to_dtype(DType::F32)? * tensor(&inp.w_pre, &[t, c])?)?.sum_all()?)?;
+    }
     let grads = loss.backward()?;
     let host = |t: &Tensor| -> anyhow::Result<Vec<f64>> {
         Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
@@ -74,30 +93,47 @@ fn fused(
         dphi: phi.as_ref().map(grad).transpose()?.flatten(),
         dalpha: grad(&alpha)?,
         db: grad(&b)?.context("b has no gradient")?,
-        dy: grad(&y)?.context("y has no gradient")?,
+        dy: match chaining {
+            Chaining::Normed => None,
+            _ => Some(grad(&y)?.context("y has no gradient")?),
+        },
+        dgamma: match chaining {
+            Chaining::Normed => Some(grad(&gamma)?.context("gamma has no gradient")?),
+            _ => None,
+        },
         h: host(&h)?,
         u: host(&u)?,
         x_out: host(&x_out)?,
     })
 }
 
-/// The fused ops one by one (candle adds their three dx) or as one chained sublayer
-/// (`ops::sublayer`: dx written once).
+/// The fused ops one by one (candle adds their three dx), as one chained sublayer
+/// (`ops::sublayer`: dx written once), or chained with F = RMSNorm fused into pre
+/// (`ops::sublayer_normed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chaining {
     Unchained,
     Chained,
+    Normed,
 }
 
 /// Runs one case; returns each quantity's relative error, for the unchained ops and then, with
-/// names prefixed "c", for the chained sublayer.
+/// names prefixed "c", for the chained sublayer and, prefixed "n", for the chained sublayer
+/// with its RMSNorm fused into pre.
 fn check(case: &Case, seed: u64, device: &Device) -> anyhow::Result<Vec<(String, f64)>> {
     let inp = MhcInputs::new(case, seed)?;
-    let oracle = inp.oracle()?;
     let mut errs = Vec::new();
-    for (chaining, prefix) in [(Chaining::Unchained, ""), (Chaining::Chained, "c")] {
-        let fused = fused(&inp, device, chaining, case.dtype)?;
-        errs.extend(mhc_errors(prefix, &fused, &oracle)?);
+    for normed in [false, true] {
+        let oracle = inp.oracle(normed)?;
+        let runs: &[(Chaining, &str)] = if normed {
+            &[(Chaining::Normed, "n")]
+        } else {
+            &[(Chaining::Unchained, ""), (Chaining::Chained, "c")]
+        };
+        for &(chaining, prefix) in runs {
+            let fused = fused(&inp, device, chaining, case.dtype)?;
+            errs.extend(mhc_errors(prefix, &fused, &oracle)?);
+        }
     }
     Ok(errs)
 }

@@ -11,7 +11,7 @@
 //! Layouts as in docs/ops.md: x [T, n, C], h and dh [T, k], ext [T, 2k + 1], phi [nC, k],
 //! alpha_b [3 + k].
 
-use super::rms_norm::RmsNorm;
+use super::pre_norm::PreNorm;
 use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
 use crate::gpu::{
     bwd_row_len, bwd_x_on_tensor_cores, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
@@ -464,7 +464,9 @@ pub enum SublayerF<'a> {
     /// The caller writes y after `forward_pre` and du after `backward_post` (to check the mHC
     /// ops on any y and du).
     Given,
-    /// The fused RMSNorm with this gamma [C] and eps, on the device.
+    /// RMSNorm with this gamma [C] and eps, on the device, fused into pre as the trainer runs a
+    /// pre-norm sublayer (`crate::mhc::ops::sublayer_normed`): u is never written, y =
+    /// RMSNorm(u) * gamma, and its backward leaves du, pre's dh and dgamma.
     RmsNorm { gamma: &'a [f32], eps: f64 },
 }
 
@@ -479,9 +481,9 @@ pub enum Chaining {
     Chained,
 }
 
-/// The fused RMSNorm of a sublayer and its buffers.
+/// The RMSNorm of a sublayer (fused into pre) and its buffers.
 struct SublayerRmsNorm {
-    norm: RmsNorm,
+    norm: PreNorm,
     gamma: Buffer<f32>,
     dgamma: Buffer<f32>,
 }
@@ -552,7 +554,7 @@ impl<T: DeviceElem> Sublayer<T> {
                     )
                 }
                 Some(SublayerRmsNorm {
-                    norm: RmsNorm::new::<T>(dev, tokens, c, eps)?,
+                    norm: PreNorm::new::<T>(dev, shape, tokens, eps)?,
                     gamma: dev.upload(gamma)?,
                     dgamma: dev.alloc_out(c)?,
                 })
@@ -591,7 +593,7 @@ impl<T: DeviceElem> Sublayer<T> {
         })
     }
 
-    /// ext, h, u = H_pre x, and y = F(u) when F runs on the device.
+    /// ext, h, and u = H_pre x, or y = F(u) when F is the RMSNorm (u not written then).
     pub fn forward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
         coeffs_forward(
@@ -605,11 +607,10 @@ impl<T: DeviceElem> Sublayer<T> {
             &mut self.h,
             &mut self.scratch,
         )?;
-        pre_forward(dev, shape, t, &self.x, &self.h, &mut self.u)?;
-        if let Some(f) = &self.rms_norm {
-            f.norm.forward(dev, &self.u, &f.gamma, &mut self.y)?;
+        match &self.rms_norm {
+            Some(f) => f.norm.forward(dev, &self.x, &self.h, &f.gamma, &mut self.y),
+            None => pre_forward(dev, shape, t, &self.x, &self.h, &mut self.u),
         }
-        Ok(())
     }
 
     /// x' = H_res x + H_post y.
@@ -625,7 +626,7 @@ impl<T: DeviceElem> Sublayer<T> {
         )
     }
 
-    /// From g: dx_post, dh_post, dy, and du (with dgamma) when F runs on the device.
+    /// From g: dx_post, dh_post, dy, and when F is the RMSNorm du, dh_pre and dgamma.
     pub fn backward_post(&mut self, dev: &Device) -> Result<()> {
         let grads = PostGrads {
             dx: &mut self.dx_post,
@@ -645,19 +646,22 @@ impl<T: DeviceElem> Sublayer<T> {
         if let Some(f) = &mut self.rms_norm {
             f.norm.backward(
                 dev,
-                &self.u,
+                &self.x,
+                &self.h,
                 &f.gamma,
                 &self.dy,
                 &mut self.du,
+                &mut self.dh_pre,
                 &mut f.dgamma,
             )?;
         }
         Ok(())
     }
 
-    /// From du: dh_pre and pre's dx (none when the chained dynamic backward folds it in; the
-    /// sublayer's dx, post's added, when chained in static mode), then the coefficient backward
-    /// from dh_post and dh_pre (dalpha_b; dynamic: dx_coeffs and dphi).
+    /// From du: dh_pre (unless the fused RMSNorm's backward wrote it) and pre's dx (none when
+    /// the chained dynamic backward folds it in; the sublayer's dx, post's added, when chained
+    /// in static mode), then the coefficient backward from dh_post and dh_pre (dalpha_b;
+    /// dynamic: dx_coeffs and dphi).
     pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
         let chained = self.chaining == Chaining::Chained;
@@ -671,16 +675,20 @@ impl<T: DeviceElem> Sublayer<T> {
             },
             (false, _) => PreDx::Write(&mut self.dx_pre),
         };
-        pre_backward(
-            dev,
-            shape,
-            t,
-            &self.x,
-            &self.h,
-            &self.du,
-            dx_pre,
-            &mut self.dh_pre,
-        )?;
+        // With the RMSNorm fused into pre, its backward wrote dh_pre; pre's kernel runs only
+        // for a dx term.
+        if self.rms_norm.is_none() || !sum_in_coeffs {
+            pre_backward(
+                dev,
+                shape,
+                t,
+                &self.x,
+                &self.h,
+                &self.du,
+                dx_pre,
+                &mut self.dh_pre,
+            )?;
+        }
         let grads = CoeffsGrads {
             dx: &mut self.dx_coeffs,
             dphi: &mut self.dphi,

@@ -16,6 +16,7 @@
 pub mod apply;
 pub mod bench;
 pub mod mhc;
+pub mod pre_norm;
 pub mod rms_norm;
 pub mod runtime;
 pub mod selftest;

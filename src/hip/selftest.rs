@@ -25,24 +25,37 @@ fn f64s<T: Elem>(v: &[T]) -> Vec<f64> {
 
 /// The fused kernels on `dev`: forward, then the backward of the loss with dL/dx' = W1 and
 /// dL/du = W2 in the storage dtype (as autograd hands them to the ops), dx's parts summed on the
-/// host.
+/// host. `normed`: F = RMSNorm fused into pre instead of a given y, and dL/dx' = W1 alone
+/// (`MhcInputs::oracle`).
 fn fused<T: DeviceElem + Elem>(
     dev: &Device,
     inp: &MhcInputs,
     chaining: Chaining,
+    normed: bool,
 ) -> Result<MhcResults> {
     let to_t = |v: &[f32]| v.iter().map(|&a| T::from_f32(a)).collect::<Vec<T>>();
     let alpha_b: Vec<f32> = inp.alpha.iter().chain(&inp.b).copied().collect();
     let x = to_t(&inp.x);
-    let f = SublayerF::Given;
+    let f = if normed {
+        SublayerF::RmsNorm {
+            gamma: &inp.gamma,
+            eps: RMS_NORM_EPS,
+        }
+    } else {
+        SublayerF::Given
+    };
     let phi = inp.phi.as_deref().unwrap_or_default();
     let mut layer = Sublayer::new(dev, inp.shape, f, chaining, &x, phi, &alpha_b)?;
     layer.forward_pre(dev)?;
-    layer.y.copy_from_host(&to_t(&inp.y))?;
+    if !normed {
+        layer.y.copy_from_host(&to_t(&inp.y))?;
+    }
     layer.forward_post(dev)?;
     layer.g.copy_from_host(&to_t(&inp.w_post))?;
     layer.backward_post(dev)?;
-    layer.du.copy_from_host(&to_t(&inp.w_pre))?;
+    if !normed {
+        layer.du.copy_from_host(&to_t(&inp.w_pre))?;
+    }
     layer.backward_pre(dev)?;
     let mut dx = vec![0.0; x.len()];
     for part in layer.dx_parts() {
@@ -53,7 +66,7 @@ fn fused<T: DeviceElem + Elem>(
     let dalpha_b = f64s(&layer.dalpha_b.to_host()?);
     Ok(MhcResults {
         h: f64s(&layer.h.to_host()?),
-        u: f64s(&layer.u.to_host()?),
+        u: f64s(&(if normed { &layer.y } else { &layer.u }).to_host()?),
         x_out: f64s(&layer.x_out.to_host()?),
         dx,
         dphi: if inp.shape.dynamic {
@@ -63,23 +76,35 @@ fn fused<T: DeviceElem + Elem>(
         },
         dalpha: Some(dalpha_b[..3].to_vec()),
         db: dalpha_b[3..].to_vec(),
-        dy: f64s(&layer.dy.to_host()?),
+        dy: (!normed)
+            .then(|| layer.dy.to_host().map(|v| f64s(&v)))
+            .transpose()?,
+        dgamma: layer
+            .dgamma()
+            .map(|d| d.to_host().map(|v| f64s(&v)))
+            .transpose()?,
     })
 }
 
 /// The relative error of each output and gradient, for the unchained ops and then, with names
-/// prefixed "c", for the chained sublayer backward.
+/// prefixed "c", for the chained sublayer backward and, prefixed "n", for the chained sublayer
+/// with F = RMSNorm fused into pre.
 fn check_case(dev: &Device, case: &Case, seed: u64) -> Result<Vec<(String, f64)>> {
     let inp = MhcInputs::new(case, seed)?;
-    let oracle = inp.oracle()?;
+    let (oracle, oracle_normed) = (inp.oracle(false)?, inp.oracle(true)?);
     let mut errors = Vec::new();
-    for (chaining, prefix) in [(Chaining::Unchained, ""), (Chaining::Chained, "c")] {
+    let runs = [
+        (Chaining::Unchained, false, "", &oracle),
+        (Chaining::Chained, false, "c", &oracle),
+        (Chaining::Chained, true, "n", &oracle_normed),
+    ];
+    for (chaining, normed, prefix, oracle) in runs {
         let fused = match case.dtype {
-            DType::F32 => fused::<f32>(dev, &inp, chaining)?,
-            DType::BF16 => fused::<bf16>(dev, &inp, chaining)?,
+            DType::F32 => fused::<f32>(dev, &inp, chaining, normed)?,
+            DType::BF16 => fused::<bf16>(dev, &inp, chaining, normed)?,
             other => bail!("selftest: storage dtype {other:?} is not supported"),
         };
-        errors.extend(mhc_errors(prefix, &fused, &oracle)?);
+        errors.extend(mhc_errors(prefix, &fused, oracle)?);
     }
     Ok(errors)
 }

@@ -187,10 +187,15 @@ fn sublayer(
     gamma: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     match imp {
-        // The chained ops: the backward writes dx once.
+        // The chained ops with the RMSNorm fused into pre: the backward writes dx once.
         MhcImpl::Fused => {
             let alpha_b = Tensor::cat(&[alpha, b], 0)?;
-            let (x_out, h) = ops::sublayer(x, phi, &alpha_b, shape, |u| rms_norm(u, gamma))?;
+            let norm = ops::PreNorm {
+                gamma,
+                eps: RMS_NORM_EPS,
+            };
+            let (x_out, h) =
+                ops::sublayer_normed(x, phi, &alpha_b, shape, norm, |y| Ok(y.clone()))?;
             Ok((h, x_out))
         }
         MhcImpl::Reference => {

@@ -1,8 +1,10 @@
 //! The mHC sublayer as a module: parameters + dispatch to the reference or the fused ops.
 
+use super::ops::PreNorm;
 use super::{ops, reference, MhcShape};
 use crate::config::MhcImpl;
 use crate::model::params::{Init, Params};
+use crate::model::rms_norm::rms_norm;
 use candle_core::{Result, Tensor};
 
 /// Bias init (spec): b_pre = -ln(n-1) so H_pre = 1/n (u starts as the stream mean), b_post = 0
@@ -77,20 +79,25 @@ impl Mhc {
         &self.shape
     }
 
-    /// x' = H_res x + H_post F(H_pre x). Returns (x', H) so callers can log H's health.
+    /// x' = H_res x + H_post g(RMSNorm(H_pre x) * gamma), F(u) = g(RMSNorm(u) * gamma) being a
+    /// pre-norm transformer's sublayer whose leading norm `norm` is: the fused path runs it inside
+    /// pre. Returns (x', H) so callers can log H's health.
     pub fn forward(
         &self,
         x: &Tensor,
-        f: impl FnOnce(&Tensor) -> Result<Tensor>,
+        norm: PreNorm,
+        g: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         match self.imp {
             // The chained ops: the sublayer's backward writes dx once.
-            MhcImpl::Fused => ops::sublayer(x, self.phi.as_ref(), &self.alpha_b, &self.shape, f),
+            MhcImpl::Fused => {
+                ops::sublayer_normed(x, self.phi.as_ref(), &self.alpha_b, &self.shape, norm, g)
+            }
             MhcImpl::Reference => {
                 let (alpha, b) = split_alpha_b(&self.alpha_b, &self.shape)?;
                 let h = reference::coeffs(x, self.phi.as_ref(), &alpha, &b, &self.shape)?;
                 let u = reference::pre(x, &h, &self.shape)?;
-                let y = f(&u)?;
+                let y = g(&rms_norm(&u, norm.gamma, norm.eps)?)?;
                 let x_next = reference::post(x, &h, &y, &self.shape)?;
                 Ok((x_next, h))
             }

@@ -7,6 +7,7 @@
 use super::cpu;
 use super::MhcShape;
 use crate::custom_op::{cpu_slice, dispatch_elem, storage_slice};
+use crate::model::rms_norm::{rms_norm_backward, RmsNormOp};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
@@ -65,6 +66,49 @@ pub fn sublayer(
     shape: &MhcShape,
     f: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Tensor)> {
+    chained_sublayer(x, phi, alpha_b, shape, None, f)
+}
+
+/// F's leading RMSNorm (a pre-norm transformer's F(u) = G(RMSNorm(u) * gamma)), for
+/// `sublayer_normed` to run fused into pre.
+#[derive(Debug, Clone, Copy)]
+pub struct PreNorm<'a> {
+    /// [C] f32.
+    pub gamma: &'a Tensor,
+    pub eps: f64,
+}
+
+/// `sublayer` for an F that begins with RMSNorm: x' = H_res x + H_post g(RMSNorm(H_pre x) *
+/// gamma), the norm fused into pre (on CUDA one launch each way instead of pre's and the norm's,
+/// and u never stored: its backward forms u again from x). Gradients flow to gamma too.
+pub fn sublayer_normed(
+    x: &Tensor,
+    phi: Option<&Tensor>,
+    alpha_b: &Tensor,
+    shape: &MhcShape,
+    norm: PreNorm,
+    g: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    if norm.gamma.dims() != [shape.width] || norm.gamma.dtype() != DType::F32 {
+        bail!(
+            "mhc sublayer: gamma is {:?} {:?}, expected [{}] f32",
+            norm.gamma.dims(),
+            norm.gamma.dtype(),
+            shape.width
+        )
+    }
+    chained_sublayer(x, phi, alpha_b, shape, Some(norm), g)
+}
+
+/// `sublayer` and `sublayer_normed`: f takes u, or y = RMSNorm(u) * gamma when `norm` is given.
+fn chained_sublayer(
+    x: &Tensor,
+    phi: Option<&Tensor>,
+    alpha_b: &Tensor,
+    shape: &MhcShape,
+    norm: Option<PreNorm>,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let chain = Chain::default();
     let x = x.contiguous()?;
     let phi = coeffs_phi(&x, phi, shape)?;
@@ -75,12 +119,26 @@ pub fn sublayer(
     };
     // H [T, k] itself, shared by pre and post (ext stays with the chain for the backward).
     let h = x.apply_op3(&phi, &alpha_b, coeffs)?;
-    let pre = ChainedPreOp {
-        op: PreOp { shape: *shape },
-        chain: chain.clone(),
+    let op = PreOp { shape: *shape };
+    let f_in = match norm {
+        None => x.apply_op2(
+            &h,
+            ChainedPreOp {
+                op,
+                chain: chain.clone(),
+            },
+        )?,
+        Some(norm) => x.apply_op3(
+            &h,
+            &norm.gamma.contiguous()?,
+            ChainedPreNormOp {
+                op,
+                eps: norm.eps,
+                chain: chain.clone(),
+            },
+        )?,
     };
-    let u = x.apply_op2(&h, pre)?;
-    let y = f(&u)?.contiguous()?;
+    let y = f(&f_in)?.contiguous()?;
     let post = ChainedPostOp {
         op: PostOp { shape: *shape },
         chain,
@@ -144,6 +202,14 @@ struct ChainedCoeffsOp {
 /// instead: `ChainState::post_ran`).
 struct ChainedPreOp {
     op: PreOp,
+    chain: Chain,
+}
+
+/// pre then RMSNorm as one op, (x, H, gamma) -> y = RMSNorm(H_pre x) * gamma, whose backward
+/// returns dgamma and treats du as `ChainedPreOp`'s does.
+struct ChainedPreNormOp {
+    op: PreOp,
+    eps: f64,
     chain: Chain,
 }
 
@@ -326,30 +392,111 @@ impl CustomOp2 for ChainedPreOp {
         _u: &Tensor,
         du: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        chained_pre_backward(&self.chain, &self.op.shape, x, h, du.contiguous()?, None)
+    }
+}
+
+/// pre's backward within the chain, from du (and dh when the caller has it already): returns
+/// (dx, dh) for autograd and leaves (du, H) for the coefficient backward.
+fn chained_pre_backward(
+    chain: &Chain,
+    shape: &MhcShape,
+    x: &Tensor,
+    h: &Tensor,
+    du: Tensor,
+    dh: Option<Tensor>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let mut chain = lock(chain);
+    let dh = match x.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if shape.dynamic => {
+            let dh = match dh {
+                Some(dh) => dh,
+                None => crate::gpu::mhc::pre_backward(shape, x, h, &du, PreDx::None)?.1,
+            };
+            chain.hand_over_dh_pre(dh)
+        }
+        // Static mode on CUDA: the coefficient backward has no pass over x to fold dx into,
+        // so pre's kernel writes the sublayer's one dx = dx_post + H_pre (x) du (post's
+        // backward ran first and stashed dx_post) with dh, in one pass.
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let dx_post = chain.dx_post.take();
+            let dx = dx_post.as_ref().map_or(PreDx::Write, PreDx::AddTo);
+            let (dx, dh) = crate::gpu::mhc::pre_backward(shape, x, h, &du, dx)?;
+            return Ok((dx, chain.hand_over_dh_pre(dh)));
+        }
+        // The CPU computes pre's dx too; only its dh is used here.
+        _ => Some(match dh {
+            Some(dh) => dh,
+            None => pre_backward(shape, x, h, &du)?.1,
+        }),
+    };
+    chain.pre = Some((du, h.clone()));
+    Ok((None, dh))
+}
+
+impl CustomOp3 for ChainedPreNormOp {
+    fn name(&self) -> &'static str {
+        "mhc-pre-norm"
+    }
+
+    /// CPU: pre's and RMSNorm's CPU forwards in turn (u rounded to x's dtype between them, as
+    /// the two ops apart would).
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        h: &CpuStorage,
+        h_l: &Layout,
+        gamma: &CpuStorage,
+        gamma_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (u, u_shape) = self.op.cpu_fwd(x, x_l, h, h_l)?;
+        RmsNormOp { eps: self.eps }.cpu_fwd(&u, &Layout::contiguous(u_shape), gamma, gamma_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        h: &candle_core::CudaStorage,
+        h_l: &Layout,
+        gamma: &candle_core::CudaStorage,
+        gamma_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::gpu::pre_norm::forward(
+            &self.op.shape,
+            self.eps,
+            (x, x_l),
+            (h, h_l),
+            (gamma, gamma_l),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        gamma: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let shape = &self.op.shape;
-        let du = du.contiguous()?;
-        let mut chain = lock(&self.chain);
-        let dh = match x.device() {
+        let (du, dh, dgamma) = match x.device() {
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) if shape.dynamic => {
-                let dh = crate::gpu::mhc::pre_backward(shape, x, h, &du, PreDx::None)?.1;
-                chain.hand_over_dh_pre(dh)
+            Device::Cuda(_) => crate::gpu::pre_norm::backward(shape, self.eps, x, h, gamma, dy)?,
+            // CPU: u again, RMSNorm's backward, pre's dh.
+            _ => {
+                let u = x.apply_op2(h, PreOp { shape: *shape })?;
+                let (du, dgamma) = rms_norm_backward(&u, gamma, dy, self.eps)?;
+                let dh = pre_backward(shape, x, h, &du)?.1;
+                (du, dh, dgamma)
             }
-            // Static mode on CUDA: the coefficient backward has no pass over x to fold dx into,
-            // so pre's kernel writes the sublayer's one dx = dx_post + H_pre (x) du (post's
-            // backward ran first and stashed dx_post) with dh, in one pass.
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => {
-                let dx_post = chain.dx_post.take();
-                let dx = dx_post.as_ref().map_or(PreDx::Write, PreDx::AddTo);
-                let (dx, dh) = crate::gpu::mhc::pre_backward(shape, x, h, &du, dx)?;
-                return Ok((dx, chain.hand_over_dh_pre(dh)));
-            }
-            // The CPU computes pre's dx too; only its dh is used here.
-            _ => Some(pre_backward(shape, x, h, &du)?.1),
         };
-        chain.pre = Some((du, h.clone()));
-        Ok((None, dh))
+        let (dx, dh) = chained_pre_backward(&self.chain, shape, x, h, du, Some(dh))?;
+        Ok((dx, dh, Some(dgamma)))
     }
 }
 

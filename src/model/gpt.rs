@@ -117,14 +117,17 @@ impl Gpt {
                 let mut x = emb.unsqueeze(1)?.broadcast_as((t, n, c))?.contiguous()?;
                 for block in &self.blocks {
                     let (attn_mhc, mlp_mhc) = block.mhc.as_ref().expect("mhc blocks have mHC");
-                    let (x1, h1) = attn_mhc.forward(&x, |u| {
-                        let y =
-                            block
-                                .attn
-                                .forward(&u.reshape((b, s, c))?, &self.rope, &self.mask)?;
-                        y.reshape((t, c))
+                    // F's leading RMSNorm runs inside the mHC sublayer (fused into pre).
+                    let (x1, h1) = attn_mhc.forward(&x, block.attn.norm(), |y| {
+                        let out = block.attn.forward_normed(
+                            &y.reshape((b, s, c))?,
+                            &self.rope,
+                            &self.mask,
+                        )?;
+                        out.reshape((t, c))
                     })?;
-                    let (x2, h2) = mlp_mhc.forward(&x1, |u| block.mlp.forward(u))?;
+                    let (x2, h2) =
+                        mlp_mhc.forward(&x1, block.mlp.norm(), |y| block.mlp.forward_normed(y))?;
                     coeffs.push(h1.detach());
                     coeffs.push(h2.detach());
                     x = x2;

@@ -6,6 +6,7 @@
 
 use super::params::{Init, Params};
 use crate::config::{Mlp as MlpKind, ModelConfig};
+use crate::mhc::ops::PreNorm;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 /// std of linear weights (GPT-2); residual output projections use STD / sqrt(2 * layers).
@@ -109,9 +110,22 @@ impl Attention {
 
     /// u [B, S, C] -> [B, S, C].
     pub fn forward(&self, u: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
-        let (b, s, c) = u.dims3()?;
+        self.forward_normed(&rms_norm(u, &self.norm, self.eps)?, rope, mask)
+    }
+
+    /// The leading RMSNorm, for the mHC sublayer to run fused into its pre.
+    pub fn norm(&self) -> PreNorm<'_> {
+        PreNorm {
+            gamma: &self.norm,
+            eps: self.eps,
+        }
+    }
+
+    /// `forward` after its RMSNorm: y = RMSNorm(u) [B, S, C] -> [B, S, C].
+    pub fn forward_normed(&self, y: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let (b, s, c) = y.dims3()?;
         let hd = c / self.heads;
-        let qkv = self.qkv.forward(&rms_norm(u, &self.norm, self.eps)?)?;
+        let qkv = self.qkv.forward(y)?;
         let qkv = qkv
             .reshape((b, s, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
@@ -172,11 +186,23 @@ impl Mlp {
     }
 
     pub fn forward(&self, u: &Tensor) -> Result<Tensor> {
-        let h = rms_norm(u, &self.norm, self.eps)?;
-        let up = self.up.forward(&h)?;
+        self.forward_normed(&rms_norm(u, &self.norm, self.eps)?)
+    }
+
+    /// The leading RMSNorm, for the mHC sublayer to run fused into its pre.
+    pub fn norm(&self) -> PreNorm<'_> {
+        PreNorm {
+            gamma: &self.norm,
+            eps: self.eps,
+        }
+    }
+
+    /// `forward` after its RMSNorm: y = RMSNorm(u).
+    pub fn forward_normed(&self, y: &Tensor) -> Result<Tensor> {
+        let up = self.up.forward(y)?;
         let act = match &self.gate {
             None => up.gelu()?,
-            Some(gate) => (candle_nn::ops::silu(&gate.forward(&h)?)? * up)?,
+            Some(gate) => (candle_nn::ops::silu(&gate.forward(y)?)? * up)?,
         };
         self.down.forward(&act)
     }
