@@ -121,5 +121,48 @@ __device__ __forceinline__ const float* block_sum(float (&v)[NV], float* scratch
     return totals;
 }
 
+// A block's share of an RMSNorm backward's dgamma (rms_norm.cu, mhc_pre_norm.cu), summed over the
+// rows the block handles: the sums of this thread's first REG chunks of V columns stay in
+// registers (`reg`, chunk m being `reg_chunk(m)`); the columns past them are added into the
+// block's own row of the partial output row by row (`add`), by the thread that zeroed them here;
+// `write` stores the register sums once at the end. Every column of the row is written.
+template <int REG, int V> struct DgammaRow {
+    float* row;
+    long long chunks, C;
+    float reg[REG][V];
+
+    __device__ __forceinline__ DgammaRow(float* row_, long long chunks_, long long C_)
+        : row(row_), chunks(chunks_), C(C_) {
+#pragma unroll
+        for (int m = 0; m < REG; ++m)
+#pragma unroll
+            for (int q = 0; q < V; ++q) reg[m][q] = 0.0f;
+        for (long long cv = first_tail_chunk(); cv < chunks; cv += blockDim.x) {
+#pragma unroll
+            for (int q = 0; q < V; ++q)
+                if (cv * V + q < C) row[cv * V + q] = 0.0f;
+        }
+    }
+    __device__ __forceinline__ long long reg_chunk(int m) const { return threadIdx.x + (long long)m * blockDim.x; }
+    // The first of this thread's chunks past the register ones (then every blockDim.x-th).
+    __device__ __forceinline__ long long first_tail_chunk() const { return reg_chunk(REG); }
+    __device__ __forceinline__ void add(long long cv, const float (&part)[V]) {
+#pragma unroll
+        for (int q = 0; q < V; ++q)
+            if (cv * V + q < C) row[cv * V + q] += part[q];
+    }
+    __device__ __forceinline__ void write() const {
+#pragma unroll
+        for (int m = 0; m < REG; ++m) {
+            const long long cv = reg_chunk(m);
+            if (cv < chunks) {
+#pragma unroll
+                for (int q = 0; q < V; ++q)
+                    if (cv * V + q < C) row[cv * V + q] = reg[m][q];
+            }
+        }
+    }
+};
+
 }  // namespace mhc
 

@@ -197,6 +197,28 @@ __device__ __forceinline__ void pn_backward_chunk(const T* __restrict__ x, const
     }
 }
 
+// Pass 2 of chunk cv, as 16-byte packs (`vec`) or an element at a time (rows not 16-byte
+// aligned: rare shapes); its dgamma terms added to acc.
+template <typename T, int N, int P, int V>
+__device__ __forceinline__ void pn_backward_span(bool vec, const T* __restrict__ x, const float (&w)[P][N],
+                                                 const float* __restrict__ gamma, const T* __restrict__ dy,
+                                                 T* __restrict__ du, long long t0, long long stride,
+                                                 long long tokens, long long cv, long long C,
+                                                 const float (&s)[P], const float (&coef)[P],
+                                                 float (&dot)[P][N], float (&acc)[V]) {
+    if (vec) {
+        pn_backward_chunk<T, N, P, V, true>(x, w, gamma, dy, du, t0, stride, tokens, cv * V, C, s, coef, dot, acc);
+        return;
+    }
+#pragma unroll 1
+    for (int q = 0; q < V; ++q) {
+        float one[1] = {acc[q]};
+        pn_backward_chunk<T, N, P, 1, false>(x, w, gamma, dy, du, t0, stride, tokens, cv * V + q, C, s, coef, dot,
+                                             one);
+        acc[q] = one[0];
+    }
+}
+
 // Backward: grid-stride over tokens, a token per block at a time (Grid::RowsAccumulate). Pass 1
 // sums u^2 and gamma * dy * u, pass 2 (L1 re-reads) writes du, dh's pre columns (the other
 // columns 0, as pre's backward) and accumulates dgamma, which each block writes to its own row of
@@ -210,24 +232,13 @@ __device__ void pre_norm_backward(const T* __restrict__ x, const float* __restri
     constexpr int V = Vec<T, N>::len;
     constexpr int P = PN_BWD_TOKENS;
     constexpr int NS = 2 * P > P * N ? 2 * P : P * N;
-    float* dgamma = dgamma_partial + blockIdx.x * C;  // this block's row
     __shared__ float scratch[(MAX_WAVES + 1) * NS];
     const float eps = (float)__longlong_as_double(eps_bits);
     const long long chunks = (C + V - 1) / V;
     const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(dy, C) && pack_ok<T, V>(du, C) &&
                      pack_ok<float, V>(gamma, C);
     const long long stride = gridDim.x;
-    float acc[PN_REG_CHUNKS][V];
-#pragma unroll
-    for (int m = 0; m < PN_REG_CHUNKS; ++m)
-#pragma unroll
-        for (int q = 0; q < V; ++q) acc[m][q] = 0.0f;
-    // Columns past the register chunks are added to token by token, by the thread that zeroes them.
-    for (long long cv = threadIdx.x + (long long)PN_REG_CHUNKS * blockDim.x; cv < chunks; cv += blockDim.x) {
-#pragma unroll
-        for (int q = 0; q < V; ++q)
-            if (cv * V + q < C) dgamma[cv * V + q] = 0.0f;
-    }
+    DgammaRow<PN_REG_CHUNKS, V> dgamma(dgamma_partial + blockIdx.x * C, chunks, C);
     for (long long t0 = blockIdx.x; t0 < tokens; t0 += P * stride) {
         float w[P][N];
         pn_weights<N, P>(h, t0, stride, tokens, w);
@@ -257,40 +268,15 @@ __device__ void pre_norm_backward(const T* __restrict__ x, const float* __restri
             for (int j = 0; j < N; ++j) dot[p][j] = 0.0f;
 #pragma unroll
         for (int m = 0; m < PN_REG_CHUNKS; ++m) {
-            const long long cv = threadIdx.x + (long long)m * blockDim.x;
+            const long long cv = dgamma.reg_chunk(m);
             if (cv >= chunks) continue;
-            if (vec) {
-                pn_backward_chunk<T, N, P, V, true>(x, w, gamma, dy, du, t0, stride, tokens, cv * V, C, s, coef, dot,
-                                                 acc[m]);
-            } else {
-#pragma unroll 1
-                for (int q = 0; q < V; ++q) {
-                    float one[1] = {acc[m][q]};
-                    pn_backward_chunk<T, N, P, 1, false>(x, w, gamma, dy, du, t0, stride, tokens, cv * V + q, C, s,
-                                                      coef, dot, one);
-                    acc[m][q] = one[0];
-                }
-            }
+            pn_backward_span<T, N, P, V>(vec, x, w, gamma, dy, du, t0, stride, tokens, cv, C, s, coef, dot,
+                                         dgamma.reg[m]);
         }
-        for (long long cv = threadIdx.x + (long long)PN_REG_CHUNKS * blockDim.x; cv < chunks; cv += blockDim.x) {
-            float part[V];
-#pragma unroll
-            for (int q = 0; q < V; ++q) part[q] = 0.0f;
-            if (vec) {
-                pn_backward_chunk<T, N, P, V, true>(x, w, gamma, dy, du, t0, stride, tokens, cv * V, C, s, coef, dot,
-                                                 part);
-            } else {
-#pragma unroll 1
-                for (int q = 0; q < V; ++q) {
-                    float one[1] = {0.0f};
-                    pn_backward_chunk<T, N, P, 1, false>(x, w, gamma, dy, du, t0, stride, tokens, cv * V + q, C, s,
-                                                      coef, dot, one);
-                    part[q] = one[0];
-                }
-            }
-#pragma unroll
-            for (int q = 0; q < V; ++q)
-                if (cv * V + q < C) dgamma[cv * V + q] += part[q];
+        for (long long cv = dgamma.first_tail_chunk(); cv < chunks; cv += blockDim.x) {
+            float part[V] = {};
+            pn_backward_span<T, N, P, V>(vec, x, w, gamma, dy, du, t0, stride, tokens, cv, C, s, coef, dot, part);
+            dgamma.add(cv, part);
         }
         float flat[P * N];
 #pragma unroll
@@ -307,15 +293,7 @@ __device__ void pre_norm_backward(const T* __restrict__ x, const float* __restri
         // dots live in scratch, which the next tokens' block_sum overwrites.
         __syncthreads();
     }
-#pragma unroll
-    for (int m = 0; m < PN_REG_CHUNKS; ++m) {
-        const long long cv = threadIdx.x + (long long)m * blockDim.x;
-        if (cv < chunks) {
-#pragma unroll
-            for (int q = 0; q < V; ++q)
-                if (cv * V + q < C) dgamma[cv * V + q] = acc[m][q];
-        }
-    }
+    dgamma.write();
 }
 
 // Exported kernels, one per (dtype, n), spelled out so each name is greppable.

@@ -142,23 +142,12 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
                                   long long eps_bits) {
     constexpr int V = 16 / (int)sizeof(T);
     constexpr int PAIR = 2;
-    float* dgamma = dgamma_partial + blockIdx.x * C;  // this block's row
     __shared__ float scratch[(MAX_WAVES + 1) * 2 * PAIR];
     const float eps = rn_eps(eps_bits);
     const long long chunks = (C + V - 1) / V;
     const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(dy, C) && pack_ok<T, V>(dx, C) &&
                      pack_ok<float, V>(gamma, C);
-    float acc[RN_REG_CHUNKS][V];
-#pragma unroll
-    for (int m = 0; m < RN_REG_CHUNKS; ++m)
-#pragma unroll
-        for (int q = 0; q < V; ++q) acc[m][q] = 0.0f;
-    // Columns past the register chunks are added to row by row, by the thread that zeroes them.
-    for (long long cv = threadIdx.x + (long long)RN_REG_CHUNKS * blockDim.x; cv < chunks; cv += blockDim.x) {
-#pragma unroll
-        for (int q = 0; q < V; ++q)
-            if (cv * V + q < C) dgamma[cv * V + q] = 0.0f;
-    }
+    DgammaRow<RN_REG_CHUNKS, V> dgamma(dgamma_partial + blockIdx.x * C, chunks, C);
     for (long long r0 = blockIdx.x; r0 < rows; r0 += PAIR * (long long)gridDim.x) {
         // sums[2p] = sum x^2, sums[2p + 1] = sum gamma * dy * x of row r0 + p * gridDim.x.
         float sums[2 * PAIR] = {};
@@ -182,16 +171,15 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
             const float coef = s * s * s * totals[2 * p + 1] / (float)C;
 #pragma unroll
             for (int m = 0; m < RN_REG_CHUNKS; ++m) {
-                const long long cv = threadIdx.x + (long long)m * blockDim.x;
+                const long long cv = dgamma.reg_chunk(m);
                 if (cv >= chunks) continue;
                 if (vec) {
-                    rn_backward_chunk<T, V, true>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, acc[m]);
+                    rn_backward_chunk<T, V, true>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, dgamma.reg[m]);
                 } else {
-                    rn_backward_chunk<T, V, false>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, acc[m]);
+                    rn_backward_chunk<T, V, false>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, dgamma.reg[m]);
                 }
             }
-            for (long long cv = threadIdx.x + (long long)RN_REG_CHUNKS * blockDim.x; cv < chunks;
-                 cv += blockDim.x) {
+            for (long long cv = dgamma.first_tail_chunk(); cv < chunks; cv += blockDim.x) {
                 float part[V];
 #pragma unroll
                 for (int q = 0; q < V; ++q) part[q] = 0.0f;
@@ -200,21 +188,11 @@ __device__ void rms_norm_backward(const T* __restrict__ x, const float* __restri
                 } else {
                     rn_backward_chunk<T, V, false>(xr, dyr, gamma, dx + r * C, cv * V, C, s, coef, part);
                 }
-#pragma unroll
-                for (int q = 0; q < V; ++q)
-                    if (cv * V + q < C) dgamma[cv * V + q] += part[q];
+                dgamma.add(cv, part);
             }
         }
     }
-#pragma unroll
-    for (int m = 0; m < RN_REG_CHUNKS; ++m) {
-        const long long cv = threadIdx.x + (long long)m * blockDim.x;
-        if (cv < chunks) {
-#pragma unroll
-            for (int q = 0; q < V; ++q)
-                if (cv * V + q < C) dgamma[cv * V + q] = acc[m][q];
-        }
-    }
+    dgamma.write();
 }
 
 // dgamma [C] = the sum of the backward's per-block rows dgamma_partial [blocks, C]. A block owns
