@@ -81,12 +81,13 @@ fn table_args(spec: &KernelSpec) -> Vec<(String, bool)> {
 }
 
 /// A launch layer's argument expression reduced to the table's name: the last field of a path,
-/// without casts, `&`, `mut` and the `_v` (view) / `_i` (integer) suffixes.
+/// without casts, `&`, `mut`, a reborrow's `*` and the `_v` (view) / `_i` (integer) suffixes.
 fn arg_name(expr: &str) -> String {
     let expr = expr
         .trim()
         .trim_start_matches('&')
-        .trim_start_matches("mut ");
+        .trim_start_matches("mut ")
+        .trim_start_matches('*');
     let expr = expr.split(" as ").next().unwrap().trim();
     let last = expr.rsplit('.').next().unwrap();
     let last = last.strip_suffix("_v").unwrap_or(last);

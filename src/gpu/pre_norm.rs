@@ -7,7 +7,8 @@ use super::mhc::{
     alloc_out, cfg, check_dims, cuda_storage, dispatch_storage, function, limits, tensor,
     tokens_of, view, wrap,
 };
-use super::{PRE_NORM_BWD, PRE_NORM_FWD, RMS_NORM_DGAMMA_SUM};
+use super::rms_norm::sum_dgamma_rows;
+use super::{PRE_NORM_BWD, PRE_NORM_FWD};
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -98,14 +99,7 @@ pub fn backward(
             b.arg(&mut du).arg(&mut dh).arg(&mut dgamma_partial);
             b.arg(&tokens_i).arg(&c_i).arg(&eps_bits);
             unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
-
-            let func = function(dev, &RMS_NORM_DGAMMA_SUM, DType::F32, 0)?;
-            let sum_geometry = RMS_NORM_DGAMMA_SUM.row_geometry(&limits, DType::F32, blocks, c);
-            let blocks_i = blocks as i64;
-            let mut b = stream.launch_builder(&func);
-            b.arg(&dgamma_partial).arg(&mut dgamma);
-            b.arg(&blocks_i).arg(&c_i);
-            unsafe { b.launch(cfg(&func, &sum_geometry)?) }.w()?;
+            sum_dgamma_rows(dev, &limits, &dgamma_partial, blocks, c, &mut dgamma)?;
         }
         Ok((
             tensor(wrap(dev, du), (tokens, c)),

@@ -3,9 +3,12 @@
 //! launch that sums the rows.
 
 use super::mhc::{alloc_out, cfg, dispatch_storage, function, limits, tensor, view, wrap};
+use super::DeviceLimits;
 use super::{RMS_NORM_BWD, RMS_NORM_DGAMMA_SUM, RMS_NORM_FWD};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -101,19 +104,33 @@ pub fn backward(eps: f64, x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Te
             b.arg(&rows_i).arg(&c_i).arg(&eps_bits);
             unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
 
-            // The blocks' partial rows added column by column (candle's sum over dim 0 of a
-            // [blocks, C] tensor reads each column strided, a 32-byte sector per float).
-            let func = function(dev, &RMS_NORM_DGAMMA_SUM, DType::F32, 0)?;
-            let sum_geometry = RMS_NORM_DGAMMA_SUM.row_geometry(&limits, DType::F32, blocks, c);
-            let blocks_i = blocks as i64;
-            let mut b = stream.launch_builder(&func);
-            b.arg(&dgamma_partial).arg(&mut dgamma);
-            b.arg(&blocks_i).arg(&c_i);
-            unsafe { b.launch(cfg(&func, &sum_geometry)?) }.w()?;
+            sum_dgamma_rows(dev, &limits, &dgamma_partial, blocks, c, &mut dgamma)?;
         }
         Ok((
             tensor(wrap(dev, dx), x.shape().clone()),
             tensor(wrap(dev, dgamma), c),
         ))
     })
+}
+
+/// dgamma [C] = the sum of a backward's per-block rows dgamma_partial [blocks, C] (this one's and
+/// the fused pre + RMSNorm's), column by column: candle's sum over dim 0 of a [blocks, C] tensor
+/// reads each column strided, a 32-byte sector per float.
+pub(super) fn sum_dgamma_rows(
+    dev: &CudaDevice,
+    limits: &DeviceLimits,
+    dgamma_partial: &CudaSlice<f32>,
+    blocks: usize,
+    c: usize,
+    dgamma: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let func = function(dev, &RMS_NORM_DGAMMA_SUM, DType::F32, 0)?;
+    let sum_geometry = RMS_NORM_DGAMMA_SUM.row_geometry(limits, DType::F32, blocks, c);
+    let (blocks_i, c_i) = (blocks as i64, c as i64);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(dgamma_partial).arg(&mut *dgamma);
+    b.arg(&blocks_i).arg(&c_i);
+    unsafe { b.launch(cfg(&func, &sum_geometry)?) }.w()?;
+    Ok(())
 }

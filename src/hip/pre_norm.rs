@@ -3,11 +3,11 @@
 //! launch and the one that sums its per-block dgamma rows (kernels/rms_norm.cu's).
 
 use super::mhc::check_len;
+use super::rms_norm::sum_dgamma_rows;
 use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
-use crate::gpu::{PRE_NORM_BWD, PRE_NORM_FWD, RMS_NORM_DGAMMA_SUM};
+use crate::gpu::{PRE_NORM_BWD, PRE_NORM_FWD};
 use crate::mhc::MhcShape;
 use anyhow::Result;
-use candle_core::DType;
 
 /// y = RMSNorm(sum_j H_pre[j] x_j) * gamma over `tokens` tokens of `shape`, one eps;
 /// `dgamma_partial` holds the backward's per-block dgamma rows [blocks, C] (allocated once, so
@@ -119,14 +119,6 @@ impl PreNorm {
             KernelArg::I64(eps_bits),
         ];
         dev.launch(&PRE_NORM_BWD, T::DTYPE, n, &geometry, &args)?;
-        let sum_geometry = RMS_NORM_DGAMMA_SUM.row_geometry(&dev.limits, DType::F32, blocks, c);
-        let blocks_i = blocks as i64;
-        let args = [
-            self.dgamma_partial.arg(),
-            dgamma.arg_mut(),
-            KernelArg::I64(blocks_i),
-            KernelArg::I64(c_i),
-        ];
-        dev.launch(&RMS_NORM_DGAMMA_SUM, DType::F32, 0, &sum_geometry, &args)
+        sum_dgamma_rows(dev, &self.dgamma_partial, blocks, c, dgamma)
     }
 }

@@ -100,14 +100,26 @@ impl RmsNorm {
             KernelArg::I64(eps_bits),
         ];
         dev.launch(&RMS_NORM_BWD, T::DTYPE, 0, &geometry, &args)?;
-        let sum_geometry = RMS_NORM_DGAMMA_SUM.row_geometry(&dev.limits, DType::F32, blocks, c);
-        let blocks_i = blocks as i64;
-        let args = [
-            self.dgamma_partial.arg(),
-            dgamma.arg_mut(),
-            KernelArg::I64(blocks_i),
-            KernelArg::I64(c_i),
-        ];
-        dev.launch(&RMS_NORM_DGAMMA_SUM, DType::F32, 0, &sum_geometry, &args)
+        sum_dgamma_rows(dev, &self.dgamma_partial, blocks, c, dgamma)
     }
+}
+
+/// dgamma [C] = the sum of a backward's per-block rows dgamma_partial [blocks, C] (this one's and
+/// the fused pre + RMSNorm's).
+pub(super) fn sum_dgamma_rows(
+    dev: &Device,
+    dgamma_partial: &Buffer<f32>,
+    blocks: usize,
+    c: usize,
+    dgamma: &mut Buffer<f32>,
+) -> Result<()> {
+    let sum_geometry = RMS_NORM_DGAMMA_SUM.row_geometry(&dev.limits, DType::F32, blocks, c);
+    let (blocks_i, c_i) = (blocks as i64, c as i64);
+    let args = [
+        dgamma_partial.arg(),
+        dgamma.arg_mut(),
+        KernelArg::I64(blocks_i),
+        KernelArg::I64(c_i),
+    ];
+    dev.launch(&RMS_NORM_DGAMMA_SUM, DType::F32, 0, &sum_geometry, &args)
 }
