@@ -716,11 +716,9 @@ constexpr int DEN_SHARED_ITERS = 20;
 template <int N>
 constexpr int den_shared_floats =
     2 * DEN_SHARED_ITERS * N * MHC_WAVE * 4 <= 40 * 1024 ? 2 * DEN_SHARED_ITERS * N * MHC_WAVE : 1;
-// The block's dp rows, staged for one contiguous store: a wave of rows, ROW + 1 floats apart (an
-// odd stride: a row per thread hits distinct banks).
+// The block's dp rows, staged for one contiguous store: a wave of rows, back to back.
 template <int N>
-constexpr int dp_tile_floats =
-    MHC_WAVE * ((BwdRow<N>::SPLIT > BwdRow<N>::KPAD ? BwdRow<N>::SPLIT : BwdRow<N>::KPAD) + 1);
+constexpr int dp_tile_floats = MHC_WAVE * (BwdRow<N>::SPLIT > BwdRow<N>::KPAD ? BwdRow<N>::SPLIT : BwdRow<N>::KPAD);
 template <int N>
 __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const float* __restrict__ ext,
                                       const float* __restrict__ dh, const float* __restrict__ dh_pre,
@@ -733,7 +731,7 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
     __shared__ float scratch[(MAX_WAVES + 1) * NV];
     // The denominators, then (their walk done) the dp rows: one buffer.
     constexpr int SHARED_FLOATS = den_shared_floats<N> > dp_tile_floats<N> ? den_shared_floats<N> : dp_tile_floats<N>;
-    __shared__ float den_or_rows[SHARED_FLOATS];
+    __shared__ __align__(16) float den_or_rows[SHARED_FLOATS];
     const long long t0 = blockIdx.x * (long long)blockDim.x;
     const long long t = t0 + threadIdx.x;
     // The block is one wave (Block::OneWave): a lane's denominators are strided by the wave, and
@@ -795,9 +793,17 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
         }
         coef = dr * inv_r / (float)D;
     }
-    // The dp row, 4-byte words at row[0 ..): SPLIT's bf16 pairs as their bits, or KPAD's floats.
+    // The dp row, 16-byte aligned, in float4s (a multiple of 4 floats either way): SPLIT's bf16
+    // pairs as the bits of a float each, or KPAD's floats.
+    auto store_words = [](float* row, const auto& words) {
+        constexpr int LEN = sizeof(words) / sizeof(float);
+#pragma unroll
+        for (int q = 0; q < LEN / 4; ++q)
+            reinterpret_cast<float4*>(row)[q] = make_float4(words[4 * q], words[4 * q + 1], words[4 * q + 2], words[4 * q + 3]);
+    };
     auto write_row = [&](float* row) {
         if (split_dp) {
+            float words[SPLIT];
 #pragma unroll
             for (int c2 = 0; c2 < 8 * KT; ++c2) {
                 Pack<mhc_bf16, 2> h2, l2;
@@ -807,18 +813,21 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
                     h2.v[u] = v.hi;
                     l2.v[u] = v.lo;
                 }
-                row[c2] = *reinterpret_cast<const float*>(&h2);
-                row[8 * KT + c2] = *reinterpret_cast<const float*>(&l2);
+                words[c2] = *reinterpret_cast<const float*>(&h2);
+                words[8 * KT + c2] = *reinterpret_cast<const float*>(&l2);
             }
-            row[16 * KT] = coef;
+            words[16 * KT] = coef;
 #pragma unroll
-            for (int c = 16 * KT + 1; c < SPLIT; ++c) row[c] = 0.0f;
+            for (int c = 16 * KT + 1; c < SPLIT; ++c) words[c] = 0.0f;
+            store_words(row, words);
         } else {
+            float words[KPAD];
 #pragma unroll
-            for (int c = 0; c < K; ++c) row[c] = dpv[c];
-            row[K] = coef;
+            for (int c = 0; c < K; ++c) words[c] = dpv[c];
+            words[K] = coef;
 #pragma unroll
-            for (int c = K + 1; c < KPAD; ++c) row[c] = 0.0f;
+            for (int c = K + 1; c < KPAD; ++c) words[c] = 0.0f;
+            store_words(row, words);
         }
     };
     // dp leaves through shared memory as one contiguous run per block: a row per thread straight
@@ -830,11 +839,11 @@ __device__ void coeffs_backward_token(const float* __restrict__ alpha_b, const f
     const int row_len = split_dp ? SPLIT : KPAD;
     if (one_wave) {
         __syncthreads();  // every lane is done with the denominators the rows go over
-        if (t < tokens) write_row(den_or_rows + threadIdx.x * (row_len + 1));
+        if (t < tokens) write_row(den_or_rows + threadIdx.x * row_len);  // float4s 4 banks apart
         __syncthreads();
-        const int run = (tokens - t0 < MHC_WAVE ? (int)(tokens - t0) : MHC_WAVE) * row_len;
-        for (int i = threadIdx.x; i < run; i += MHC_WAVE)
-            dp[t0 * row_len + i] = den_or_rows[i / row_len * (row_len + 1) + i % row_len];
+        const int run = (tokens - t0 < MHC_WAVE ? (int)(tokens - t0) : MHC_WAVE) * row_len / 4;
+        float4* out = reinterpret_cast<float4*>(dp + t0 * row_len);
+        for (int i = threadIdx.x; i < run; i += MHC_WAVE) out[i] = reinterpret_cast<const float4*>(den_or_rows)[i];
     } else if (t < tokens) {
         write_row(dp + t * row_len);
     }
