@@ -1038,6 +1038,10 @@ template <int N> struct MmaBwdX {
     static constexpr int COPIES = TOKC * COLS / 8 / THREADS;  // 16-byte copies per thread and tensor
     static_assert(COPIES * THREADS * 8 == TOKC * COLS, "whole copies per thread");
 };
+// A compile-time flag as a value, for generic lambdas compiled once per flag.
+template <bool B> struct Flag {
+    static constexpr bool value = B;
+};
 // Where the tensor-core form's accumulators fit the registers (k <= 32: n <= 4).
 template <int N> constexpr bool mma_bwd_x_fits = N * N + 2 * N <= 32;
 
@@ -1112,68 +1116,11 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
     const long long du_col = SUM ? ev % C : 0;  // its column of du (one stream when vec)
     const int copy_at = cr * LDX + cc;          // its place in a stage
     const bool col_ok = ev < D;
-    // Element offsets of the copy's next row: in x and dx_post, and in du; and of the next row
-    // of dx to write out. The dp rows and H_pre values (thread r * (ROW / 4) + part copies row
-    // r's part, and for SUM thread r * N + j row r's H_pre[j]) keep their per-chunk index: few
-    // threads copy them, and their cursors would cost the others registers.
+    // The dp rows and H_pre values (thread r * (ROW / 4) + part copies row r's part, and for SUM
+    // thread r * N + j row r's H_pre[j]) keep their per-chunk index: few threads copy them, and
+    // their cursors would cost the others registers.
     const long long first_row = t_begin + cr;
     const int rows_here = range_len - cr;  // rows of this thread's copies
-    long long x_at = first_row * D, du_at = SUM ? first_row * C : 0, out_at = x_at;
-    auto stage = [&](bf16* dst, const bf16* row, bool du_row, bool valid) {
-        if (vec) {
-            mhc_copy16_async(dst, row + (du_row ? du_col : ev), valid);  // zero-filled when invalid, not read
-        } else {
-#pragma unroll 1
-            for (int q = 0; q < 8; ++q) {
-                const bool ok = valid && ev + q < D;
-                dst[q] = ok ? row[du_row ? (ev + q) % C : ev + q] : mhc_f32_to_bf16(0.0f);
-            }
-        }
-    };
-    auto issue = [&](int chunk) {
-        const int st = chunk % STAGES;
-        const bool valid = chunk * TOKC < rows_here && col_ok;
-        const int at = st * STAGE + copy_at;
-        stage(s_x + at, x + x_at, false, valid);
-        if (SUM) {
-            stage(s_post + at, dx_post + x_at, false, valid);
-            stage(s_du + at, du + du_at, true, valid);
-            du_at += TOKC * C;
-        }
-        x_at += TOKC * D;
-        // The chunk's dp rows and H_pre values by their row in the range (t_end is not kept).
-        if (threadIdx.x < TOKC * ROW / 4) {
-            const int r = threadIdx.x / (ROW / 4), part = threadIdx.x % (ROW / 4);
-            const int row = chunk * TOKC + r;
-            mhc_copy16_async(&s_dp[st][r * ROW + part * 4], dp + (t_begin + row) * ROW + part * 4, row < range_len);
-        }
-        if (SUM && threadIdx.x < TOKC * N) {
-            const int r = threadIdx.x / N, j = threadIdx.x % N;
-            const int row = chunk * TOKC + r;
-            mhc_copy4_async(&s_hpre[st][threadIdx.x], h + (t_begin + row) * K + j, row < range_len);
-        }
-    };
-    // A chunk's dx, left in its x stage by the epilogue, to global memory in whole rows of the
-    // block's slice (16-byte stores; the epilogue's own 16 x 16 tiles, 32 bytes of a row per
-    // store, left the pass bound by L2 traffic at ~1.2 TB/s).
-    auto write_out = [&](int chunk) {
-        const bf16* src = s_x + (chunk % STAGES) * STAGE + copy_at;
-        bf16* out = dx + out_at + ev;
-        out_at += TOKC * D;
-        if (chunk * TOKC < rows_here && col_ok) {
-            if (vec_out && ev + 8 <= D) {
-                *reinterpret_cast<Pack8*>(out) = *reinterpret_cast<const Pack8*>(src);
-            } else {
-#pragma unroll 1
-                for (int q = 0; q < 8 && ev + q < D; ++q) out[q] = src[q];
-            }
-        }
-    };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < chunks) issue(s);
-        mhc_copy_commit();
-    }
     // The lane's share of a 16 x 16 f32 accumulator tile: element i of the fragment sits at row
     // g + 8 ((i / 2) % 2), column 2 q + i % 2 + 8 (i / 4), with g = lane / 4, q = lane % 4. (WMMA
     // leaves this unspecified; it is how nvcc lays m16n16k16 out on sm_80 and later, as two
@@ -1190,81 +1137,173 @@ __device__ void coeffs_backward_x_mma(const mhc_bf16* __restrict__ x, const floa
         const long long e = e_warp + 8 * hf;
         half_stream[hf] = SUM && C % 8 == 0 ? (int)((e < D ? e : D - 1) / C) : 0;
     }
-    for (int chunk = 0; chunk < chunks; ++chunk) {
-        mhc_copy_wait<STAGES - 2>();  // this thread's copies of this chunk have landed
-        __syncthreads();  // everyone's have; everyone is done with the previous chunk
-        // The previous chunk's dx, then the refill of its stage: each thread stores the very
-        // elements its own copies overwrite (same map), and its stores wait on their loads.
-        if (chunk > 0) write_out(chunk - 1);
-        if (chunk + STAGES - 1 < chunks) issue(chunk + STAGES - 1);
-        mhc_copy_commit();
-        const int st = chunk % STAGES;
-        bf16* xs = s_x + st * STAGE;
-
-        // The chunk's dP hi and lo, as staged (no split here, and no barrier for one).
-        const bf16* dp_hi = reinterpret_cast<const bf16*>(s_dp[st]);
-        const bf16* dp_lo = dp_hi + 16 * KT;
-
-        // dphi: A = x^T (the staged rows read column-major), B = dP.
-        {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> xt;
-            wmma::load_matrix_sync(xt, xs + col, LDX);
-#pragma unroll
-            for (int nt = 0; nt < KT; ++nt) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> d;
-                wmma::load_matrix_sync(d, dp_hi + 16 * nt, LDP);
-                wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
-                wmma::load_matrix_sync(d, dp_lo + 16 * nt, LDP);
-                wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
-            }
-        }
-        // dx tile: dP phi^T.
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-        for (int ks = 0; ks < KT; ++ks) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_hi, a_lo;
-            wmma::load_matrix_sync(a_hi, dp_hi + 16 * ks, LDP);
-            wmma::load_matrix_sync(a_lo, dp_lo + 16 * ks, LDP);
-            wmma::mma_sync(acc, a_hi, phi_hi[ks], acc);
-            wmma::mma_sync(acc, a_hi, phi_lo[ks], acc);
-            wmma::mma_sync(acc, a_lo, phi_hi[ks], acc);
-        }
-        __syncwarp();  // the warp's x^T fragment is read before the epilogue writes over it
-        // Epilogue: dx = tile + coef x (+ dx_post + H_pre du), pair by pair of the lane's
-        // fragment, written over the staged x it read (no other warp reads these columns), in bf16.
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-            const int r = g + 8 * (p % 2), c = q2 + 8 * (p / 2);
-            const int at = st * STAGE + r * LDX + col + c;
-            const float coef = s_dp[st][r * ROW + 16 * KT];
-            const Pack<bf16, 2> xv = *reinterpret_cast<const Pack<bf16, 2>*>(s_x + at);
-            float v[2];
-#pragma unroll
-            for (int u = 0; u < 2; ++u) v[u] = acc.x[2 * p + u] + coef * mhc_bf16_to_f32(xv.v[u]);
-            if (SUM) {
-                const Pack<bf16, 2> post = *reinterpret_cast<const Pack<bf16, 2>*>(s_post + at);
-                const Pack<bf16, 2> dus = *reinterpret_cast<const Pack<bf16, 2>*>(s_du + at);
-#pragma unroll
-                for (int u = 0; u < 2; ++u) {
-                    int stream = half_stream[p / 2];
-                    if (C % 8 != 0) {
-                        const long long e = e_warp + c + u;
-                        stream = (int)((e < D ? e : D - 1) / C);
-                    }
-                    v[u] += mhc_bf16_to_f32(post.v[u]) + s_hpre[st][r * N + stream] * mhc_bf16_to_f32(dus.v[u]);
+    // Blocks whose columns all lie in D, with 16-byte rows in every tensor (at C = 1280, every
+    // block), stage and write out with no per-chunk bounds checks on the column: the chunk loop
+    // is compiled once for them (WHOLE) and once for the others.
+    const bool whole = vec && vec_out && e_base + COLS <= D;  // block-uniform
+    auto pass = [&](auto whole_tag) {
+        constexpr bool WHOLE = decltype(whole_tag)::value;
+        // Element offsets of the copy's next row in x and dx_post, in du, and of the next row of
+        // dx to write out; for WHOLE blocks with the copy's column in them (the column and its
+        // bounds are then out of the loop).
+        long long x_at = first_row * D + (WHOLE ? ev : 0);
+        long long du_at = SUM ? first_row * C + (WHOLE ? du_col : 0) : 0;
+        long long out_at = x_at;
+        auto stage = [&](bf16* dst, const bf16* row, bool du_row, bool valid) {
+            if (vec) {
+                mhc_copy16_async(dst, row + (du_row ? du_col : ev), valid);  // zero-filled when invalid, not read
+            } else {
+#pragma unroll 1
+                for (int q = 0; q < 8; ++q) {
+                    const bool ok = valid && ev + q < D;
+                    dst[q] = ok ? row[du_row ? (ev + q) % C : ev + q] : mhc_f32_to_bf16(0.0f);
                 }
             }
-            Pack<bf16, 2> out;
+        };
+        auto issue = [&](int chunk) {
+            const int st = chunk % STAGES;
+            const int at = st * STAGE + copy_at;
+            if constexpr (WHOLE) {
+                const bool valid = chunk * TOKC < rows_here;
+                mhc_copy16_async(s_x + at, x + x_at, valid);  // zero-filled when invalid, not read
+                if (SUM) {
+                    mhc_copy16_async(s_post + at, dx_post + x_at, valid);
+                    mhc_copy16_async(s_du + at, du + du_at, valid);
+                    du_at += TOKC * C;
+                }
+                x_at += TOKC * D;
+            } else {
+                const bool valid = chunk * TOKC < rows_here && col_ok;
+                stage(s_x + at, x + x_at, false, valid);
+                if (SUM) {
+                    stage(s_post + at, dx_post + x_at, false, valid);
+                    stage(s_du + at, du + du_at, true, valid);
+                    du_at += TOKC * C;
+                }
+                x_at += TOKC * D;
+            }
+            // The chunk's dp rows and H_pre values by their row in the range (t_end is not kept).
+            if (threadIdx.x < TOKC * ROW / 4) {
+                const int r = threadIdx.x / (ROW / 4), part = threadIdx.x % (ROW / 4);
+                const int row = chunk * TOKC + r;
+                mhc_copy16_async(&s_dp[st][r * ROW + part * 4], dp + (t_begin + row) * ROW + part * 4, row < range_len);
+            }
+            if (SUM && threadIdx.x < TOKC * N) {
+                const int r = threadIdx.x / N, j = threadIdx.x % N;
+                const int row = chunk * TOKC + r;
+                mhc_copy4_async(&s_hpre[st][threadIdx.x], h + (t_begin + row) * K + j, row < range_len);
+            }
+        };
+        // A chunk's dx, left in its x stage by the epilogue, to global memory in whole rows of the
+        // block's slice (16-byte stores; the epilogue's own 16 x 16 tiles, 32 bytes of a row per
+        // store, left the pass bound by L2 traffic at ~1.2 TB/s).
+        auto write_out = [&](int chunk) {
+            const bf16* src = s_x + (chunk % STAGES) * STAGE + copy_at;
+            if constexpr (WHOLE) {
+                if (chunk * TOKC < rows_here) *reinterpret_cast<Pack8*>(dx + out_at) = *reinterpret_cast<const Pack8*>(src);
+                out_at += TOKC * D;
+            } else {
+                bf16* out = dx + out_at + ev;
+                out_at += TOKC * D;
+                if (chunk * TOKC < rows_here && col_ok) {
+                    if (vec_out && ev + 8 <= D) {
+                        *reinterpret_cast<Pack8*>(out) = *reinterpret_cast<const Pack8*>(src);
+                    } else {
+#pragma unroll 1
+                        for (int q = 0; q < 8 && ev + q < D; ++q) out[q] = src[q];
+                    }
+                }
+            }
+        };
 #pragma unroll
-            for (int u = 0; u < 2; ++u) out.v[u] = mhc_f32_to_bf16(v[u]);
-            *reinterpret_cast<Pack<bf16, 2>*>(s_x + at) = out;
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < chunks) issue(s);
+            mhc_copy_commit();
         }
+        for (int chunk = 0; chunk < chunks; ++chunk) {
+            mhc_copy_wait<STAGES - 2>();  // this thread's copies of this chunk have landed
+            __syncthreads();  // everyone's have; everyone is done with the previous chunk
+            // The previous chunk's dx, then the refill of its stage: each thread stores the very
+            // elements its own copies overwrite (same map), and its stores wait on their loads.
+            if (chunk > 0) write_out(chunk - 1);
+            if (chunk + STAGES - 1 < chunks) issue(chunk + STAGES - 1);
+            mhc_copy_commit();
+            const int st = chunk % STAGES;
+            bf16* xs = s_x + st * STAGE;
+
+            // The chunk's dP hi and lo, as staged (no split here, and no barrier for one).
+            const bf16* dp_hi = reinterpret_cast<const bf16*>(s_dp[st]);
+            const bf16* dp_lo = dp_hi + 16 * KT;
+
+            // dphi: A = x^T (the staged rows read column-major), B = dP.
+            {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> xt;
+                wmma::load_matrix_sync(xt, xs + col, LDX);
+#pragma unroll
+                for (int nt = 0; nt < KT; ++nt) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> d;
+                    wmma::load_matrix_sync(d, dp_hi + 16 * nt, LDP);
+                    wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
+                    wmma::load_matrix_sync(d, dp_lo + 16 * nt, LDP);
+                    wmma::mma_sync(acc_dphi[nt], xt, d, acc_dphi[nt]);
+                }
+            }
+            // dx tile: dP phi^T.
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int ks = 0; ks < KT; ++ks) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_hi, a_lo;
+                wmma::load_matrix_sync(a_hi, dp_hi + 16 * ks, LDP);
+                wmma::load_matrix_sync(a_lo, dp_lo + 16 * ks, LDP);
+                wmma::mma_sync(acc, a_hi, phi_hi[ks], acc);
+                wmma::mma_sync(acc, a_hi, phi_lo[ks], acc);
+                wmma::mma_sync(acc, a_lo, phi_hi[ks], acc);
+            }
+            __syncwarp();  // the warp's x^T fragment is read before the epilogue writes over it
+            // Epilogue: dx = tile + coef x (+ dx_post + H_pre du), pair by pair of the lane's
+            // fragment, written over the staged x it read (no other warp reads these columns), in bf16.
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int r = g + 8 * (p % 2), c = q2 + 8 * (p / 2);
+                const int at = st * STAGE + r * LDX + col + c;
+                const float coef = s_dp[st][r * ROW + 16 * KT];
+                const Pack<bf16, 2> xv = *reinterpret_cast<const Pack<bf16, 2>*>(s_x + at);
+                float v[2];
+#pragma unroll
+                for (int u = 0; u < 2; ++u) v[u] = acc.x[2 * p + u] + coef * mhc_bf16_to_f32(xv.v[u]);
+                if (SUM) {
+                    const Pack<bf16, 2> post = *reinterpret_cast<const Pack<bf16, 2>*>(s_post + at);
+                    const Pack<bf16, 2> dus = *reinterpret_cast<const Pack<bf16, 2>*>(s_du + at);
+#pragma unroll
+                    for (int u = 0; u < 2; ++u) {
+                        int stream = half_stream[p / 2];
+                        if (C % 8 != 0) {
+                            const long long e = e_warp + c + u;
+                            stream = (int)((e < D ? e : D - 1) / C);
+                        }
+                        v[u] += mhc_bf16_to_f32(post.v[u]) + s_hpre[st][r * N + stream] * mhc_bf16_to_f32(dus.v[u]);
+                    }
+                }
+                Pack<bf16, 2> out;
+#pragma unroll
+                for (int u = 0; u < 2; ++u) out.v[u] = mhc_f32_to_bf16(v[u]);
+                *reinterpret_cast<Pack<bf16, 2>*>(s_x + at) = out;
+            }
+        }
+        mhc_copy_wait<0>();
+        if (chunks == 0) return;
+        __syncthreads();
+        write_out(chunks - 1);
+    };
+    // (Only the chained pass, the trainer's, takes the WHOLE form: compiled for the plain pass,
+    // it spilled 36 bytes into that pass's chunk loops.)
+    if (SUM && whole) {
+        pass(Flag<SUM>{});
+    } else {
+        pass(Flag<false>{});
     }
-    mhc_copy_wait<0>();
     if (chunks == 0) return;
-    __syncthreads();
-    write_out(chunks - 1);
     // dphi[e, c] += the accumulator tiles, read in place (rows: the warp's columns e of D).
 #pragma unroll
     for (int nt = 0; nt < KT; ++nt) {
