@@ -183,6 +183,8 @@ const NORM_STREAM: u64 = 0x6e6f_726d;
 pub struct MhcInputs {
     pub shape: MhcShape,
     pub tokens: usize,
+    /// The storage dtype the values below are rounded to.
+    pub dtype: DType,
     pub x: Vec<f32>,
     pub y: Vec<f32>,
     /// [nC, k]; None in static mode.
@@ -254,6 +256,7 @@ impl MhcInputs {
         Ok(Self {
             shape,
             tokens: t,
+            dtype: case.dtype,
             x,
             y,
             phi,
@@ -267,7 +270,8 @@ impl MhcInputs {
 
     /// The candle-ops reference (`mhc::reference`) in f64 on the CPU, gradients by autograd: of
     /// sum(W1 * x') + sum(W2 * u) with y given, or (`normed`) of sum(W1 * x') with y =
-    /// RMSNorm(u) * gamma (eps `RMS_NORM_EPS`), reported in u's place.
+    /// RMSNorm(u) * gamma (eps `RMS_NORM_EPS`), reported in u's place, the gradient reaching y
+    /// rounded to the storage dtype as the ops see it.
     pub fn oracle(&self, normed: bool) -> anyhow::Result<MhcResults> {
         let shape = &self.shape;
         let (t, n, c, k) = (self.tokens, shape.streams, shape.width, shape.k());
@@ -286,24 +290,48 @@ impl MhcInputs {
         let gamma = var(&self.gamma, &[c])?;
         let h = reference::coeffs(&x, phi.as_deref(), &alpha, &b, shape)?;
         let u = reference::pre(&x, &h, shape)?;
-        let (u, x_out, loss) = if normed {
+        // Normed: the fused forward hands post y in the storage dtype, and the backward hands
+        // the norm post's dL/dy in it (as autograd hands a bf16 op its gradient), so the oracle
+        // runs in two stages at that boundary: post of y rounded, as a leaf; then the leaf's
+        // gradient, rounded, through the norm, pre and the coefficients. (With one f64 pass, the
+        // cancelling sums behind dalpha came out up to 1.1e-2 apart at bf16, T = 2048, from
+        // those two roundings alone.)
+        let (u, x_out, stages) = if normed {
             let ms = u.sqr()?.mean_keepdim(D::Minus1)?;
             let y_n = u
                 .broadcast_div(&(ms + RMS_NORM_EPS)?.sqrt()?)?
                 .broadcast_mul(&gamma)?;
-            let x_out = reference::post(&x, &h, &y_n, shape)?;
-            let loss = (&x_out * f64_tensor(&self.w_post, &[t, n, c])?)?.sum_all()?;
-            (y_n, x_out, loss)
+            let y_leaf =
+                Var::from_tensor(&y_n.detach().to_dtype(self.dtype)?.to_dtype(DType::F64)?)?;
+            let x_out = reference::post(&x, &h, &y_leaf, shape)?;
+            let post_grads = (&x_out * f64_tensor(&self.w_post, &[t, n, c])?)?
+                .sum_all()?
+                .backward()?;
+            let dy = post_grads
+                .get(&y_leaf)
+                .ok_or_else(|| anyhow::anyhow!("y has no gradient"))?
+                .to_dtype(self.dtype)?
+                .to_dtype(DType::F64)?;
+            let norm_grads = (&y_n * dy)?.sum_all()?.backward()?;
+            (y_n, x_out, vec![post_grads, norm_grads])
         } else {
             let x_out = reference::post(&x, &h, &y, shape)?;
             let loss = ((&x_out * f64_tensor(&self.w_post, &[t, n, c])?)?.sum_all()?
                 + (&u * f64_tensor(&self.w_pre, &[t, c])?)?.sum_all()?)?;
-            (u, x_out, loss)
+            (u, x_out, vec![loss.backward()?])
         };
-        let grads = loss.backward()?;
         let flat = |t: &Tensor| -> anyhow::Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1()?) };
-        let grad =
-            |v: &Var| -> anyhow::Result<Option<Vec<f64>>> { grads.get(v).map(flat).transpose() };
+        // A variable's gradient: the sum over the stages that reach it.
+        let grad = |v: &Var| -> anyhow::Result<Option<Vec<f64>>> {
+            let mut sum: Option<Tensor> = None;
+            for g in stages.iter().filter_map(|grads| grads.get(v)) {
+                sum = Some(match sum {
+                    Some(s) => (s + g)?,
+                    None => g.clone(),
+                });
+            }
+            sum.as_ref().map(flat).transpose()
+        };
         let needed = |v: &Var, name: &str| -> anyhow::Result<Vec<f64>> {
             grad(v)?.ok_or_else(|| anyhow::anyhow!("{name} has no gradient"))
         };
