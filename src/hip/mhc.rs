@@ -486,6 +486,10 @@ struct SublayerRmsNorm {
     norm: PreNorm,
     gamma: Buffer<f32>,
     dgamma: Buffer<f32>,
+    /// Where pre's kernel, run for a dx term (static mode, or unchained), writes the dh it
+    /// computes alongside (unused: the fused backward's dh_pre, from du in f32, is kept). Empty
+    /// when pre's kernel does not run (chained, dynamic).
+    pre_dh_aside: Buffer<f32>,
 }
 
 /// Every buffer of one mHC sublayer x' = H_res x + H_post F(H_pre x) on the device, forward and
@@ -544,6 +548,8 @@ impl<T: DeviceElem> Sublayer<T> {
             )
         }
         let tokens = x.len() / d;
+        // Chained in dynamic mode, pre's dx term is folded into the coefficient backward.
+        let folds_pre_dx = shape.dynamic && chaining == Chaining::Chained;
         let rms_norm = match f {
             SublayerF::Given => None,
             SublayerF::RmsNorm { gamma, eps } => {
@@ -557,15 +563,12 @@ impl<T: DeviceElem> Sublayer<T> {
                     norm: PreNorm::new::<T>(dev, shape, tokens, eps)?,
                     gamma: dev.upload(gamma)?,
                     dgamma: dev.alloc_out(c)?,
+                    pre_dh_aside: dev.alloc(if folds_pre_dx { 0 } else { tokens * k })?,
                 })
             }
         };
         let dynamic_len = |len: usize| if shape.dynamic { len } else { 0 };
-        let pre_dx_len = if shape.dynamic && chaining == Chaining::Chained {
-            0
-        } else {
-            tokens * d
-        };
+        let pre_dx_len = if folds_pre_dx { 0 } else { tokens * d };
         Ok(Self {
             shape,
             tokens,
@@ -676,18 +679,13 @@ impl<T: DeviceElem> Sublayer<T> {
             (false, _) => PreDx::Write(&mut self.dx_pre),
         };
         // With the RMSNorm fused into pre, its backward wrote dh_pre; pre's kernel runs only
-        // for a dx term.
+        // for a dx term, its dh set aside (it sums du rounded to the storage dtype).
         if self.rms_norm.is_none() || !sum_in_coeffs {
-            pre_backward(
-                dev,
-                shape,
-                t,
-                &self.x,
-                &self.h,
-                &self.du,
-                dx_pre,
-                &mut self.dh_pre,
-            )?;
+            let dh = match &mut self.rms_norm {
+                Some(f) => &mut f.pre_dh_aside,
+                None => &mut self.dh_pre,
+            };
+            pre_backward(dev, shape, t, &self.x, &self.h, &self.du, dx_pre, dh)?;
         }
         let grads = CoeffsGrads {
             dx: &mut self.dx_coeffs,
