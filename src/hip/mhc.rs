@@ -481,6 +481,14 @@ pub enum Chaining {
     Chained,
 }
 
+impl Chaining {
+    /// Whether the coefficient backward sums the sublayer's dx (chained, dynamic mode), so pre's
+    /// dx term has no buffer of its own and pre's kernel runs only without the fused RMSNorm.
+    fn sums_dx_in_coeffs(self, shape: &MhcShape) -> bool {
+        self == Chaining::Chained && shape.dynamic
+    }
+}
+
 /// The RMSNorm of a sublayer (fused into pre) and its buffers.
 struct SublayerRmsNorm {
     norm: PreNorm,
@@ -548,8 +556,7 @@ impl<T: DeviceElem> Sublayer<T> {
             )
         }
         let tokens = x.len() / d;
-        // Chained in dynamic mode, pre's dx term is folded into the coefficient backward.
-        let folds_pre_dx = shape.dynamic && chaining == Chaining::Chained;
+        let folds_pre_dx = chaining.sums_dx_in_coeffs(&shape);
         let rms_norm = match f {
             SublayerF::Given => None,
             SublayerF::RmsNorm { gamma, eps } => {
@@ -668,8 +675,7 @@ impl<T: DeviceElem> Sublayer<T> {
     pub fn backward_pre(&mut self, dev: &Device) -> Result<()> {
         let (shape, t) = (&self.shape, self.tokens);
         let chained = self.chaining == Chaining::Chained;
-        // Chained in dynamic mode, the coefficient backward sums the sublayer's dx.
-        let sum_in_coeffs = chained && shape.dynamic;
+        let sum_in_coeffs = self.chaining.sums_dx_in_coeffs(shape);
         let dx_pre = match (chained, shape.dynamic) {
             (true, true) => PreDx::None,
             (true, false) => PreDx::AddTo {
