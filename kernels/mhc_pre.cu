@@ -106,6 +106,35 @@ __device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ 
     }
 }
 
+// The static chained backward's one dx where dh comes from elsewhere (the fused RMSNorm's
+// backward, which sums du in f32): dx_j = dx_post_j + H_pre[j] du, post's dx added; x is not
+// read. One thread per V-element chunk of one token's row, grid-stride: one read of du and
+// dx_post, one write of dx. The sums are those of pre_backward_chunk's dx.
+template <typename T, int N>
+__device__ void pre_backward_dx_sum(const float* __restrict__ h, const T* __restrict__ du,
+                                    const T* __restrict__ dx_post, T* __restrict__ dx, long long tokens, long long C) {
+    constexpr int K = N * N + 2 * N;
+    constexpr int V = Vec<T, N>::len;
+    const long long chunks = (C + V - 1) / V;
+    const bool vec = pack_ok<T, V>(du, C) && pack_ok<T, V>(dx_post, C) && pack_ok<T, V>(dx, C);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < tokens * chunks;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / chunks;
+        const long long c0 = (i % chunks) * V;
+        float g[V];
+        load_row<T, V>(du + t * C, c0, C, vec, g);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            const float w = h[t * K + j];
+            float d[V];
+            load_row<T, V>(dx_post + (t * N + j) * C, c0, C, vec, d);
+#pragma unroll
+            for (int q = 0; q < V; ++q) d[q] = w * g[q] + d[q];
+            store_row<T, V>(dx + (t * N + j) * C, c0, C, vec, d);
+        }
+    }
+}
+
 // Exported kernels, one per (dtype, n), spelled out so each name is greppable (the launch table
 // in src/gpu/mhc.rs and scripts/check-kernels.sh look them up by name).
 #define PRE_FWD_PARAMS(T) const T *x, const float *h, T *u, long long tokens, long long C
@@ -113,59 +142,75 @@ __device__ void pre_backward(const T* __restrict__ x, const float* __restrict__ 
 #define PRE_BWD_DH_PARAMS(T) const T *x, const float *h, const T *du, float *dh, long long tokens, long long C
 #define PRE_BWD_SUM_PARAMS(T) \
     const T *x, const float *h, const T *du, const T *dx_post, T *dx, float *dh, long long tokens, long long C
+#define PRE_BWD_DX_SUM_PARAMS(T) \
+    const float *h, const T *du, const T *dx_post, T *dx, long long tokens, long long C
 extern "C" __global__ void mhc_pre_fwd_f32_n2(PRE_FWD_PARAMS(float)) { pre_forward<float, 2>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_f32_n2(PRE_BWD_PARAMS(float)) { pre_backward<float, 2, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_f32_n2(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 2, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_f32_n2(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 2, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_f32_n2(PRE_BWD_DX_SUM_PARAMS(float)) { pre_backward_dx_sum<float, 2>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n2(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 2>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_bf16_n2(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_bf16_n2(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_bf16_n2(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 2, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_bf16_n2(PRE_BWD_DX_SUM_PARAMS(mhc_bf16)) { pre_backward_dx_sum<mhc_bf16, 2>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n3(PRE_FWD_PARAMS(float)) { pre_forward<float, 3>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_f32_n3(PRE_BWD_PARAMS(float)) { pre_backward<float, 3, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_f32_n3(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 3, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_f32_n3(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 3, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_f32_n3(PRE_BWD_DX_SUM_PARAMS(float)) { pre_backward_dx_sum<float, 3>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n3(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 3>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_bf16_n3(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_bf16_n3(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_bf16_n3(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 3, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_bf16_n3(PRE_BWD_DX_SUM_PARAMS(mhc_bf16)) { pre_backward_dx_sum<mhc_bf16, 3>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n4(PRE_FWD_PARAMS(float)) { pre_forward<float, 4>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_f32_n4(PRE_BWD_PARAMS(float)) { pre_backward<float, 4, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_f32_n4(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 4, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_f32_n4(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 4, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_f32_n4(PRE_BWD_DX_SUM_PARAMS(float)) { pre_backward_dx_sum<float, 4>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n4(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 4>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_bf16_n4(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_bf16_n4(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_bf16_n4(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 4, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_bf16_n4(PRE_BWD_DX_SUM_PARAMS(mhc_bf16)) { pre_backward_dx_sum<mhc_bf16, 4>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n5(PRE_FWD_PARAMS(float)) { pre_forward<float, 5>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_f32_n5(PRE_BWD_PARAMS(float)) { pre_backward<float, 5, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_f32_n5(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 5, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_f32_n5(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 5, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_f32_n5(PRE_BWD_DX_SUM_PARAMS(float)) { pre_backward_dx_sum<float, 5>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n5(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 5>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_bf16_n5(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_bf16_n5(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_bf16_n5(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 5, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_bf16_n5(PRE_BWD_DX_SUM_PARAMS(mhc_bf16)) { pre_backward_dx_sum<mhc_bf16, 5>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n6(PRE_FWD_PARAMS(float)) { pre_forward<float, 6>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_f32_n6(PRE_BWD_PARAMS(float)) { pre_backward<float, 6, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_f32_n6(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 6, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_f32_n6(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 6, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_f32_n6(PRE_BWD_DX_SUM_PARAMS(float)) { pre_backward_dx_sum<float, 6>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n6(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 6>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_bf16_n6(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_bf16_n6(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_bf16_n6(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 6, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_bf16_n6(PRE_BWD_DX_SUM_PARAMS(mhc_bf16)) { pre_backward_dx_sum<mhc_bf16, 6>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n7(PRE_FWD_PARAMS(float)) { pre_forward<float, 7>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_f32_n7(PRE_BWD_PARAMS(float)) { pre_backward<float, 7, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_f32_n7(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 7, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_f32_n7(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 7, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_f32_n7(PRE_BWD_DX_SUM_PARAMS(float)) { pre_backward_dx_sum<float, 7>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n7(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 7>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_bf16_n7(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_bf16_n7(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_bf16_n7(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 7, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_bf16_n7(PRE_BWD_DX_SUM_PARAMS(mhc_bf16)) { pre_backward_dx_sum<mhc_bf16, 7>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_f32_n8(PRE_FWD_PARAMS(float)) { pre_forward<float, 8>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_f32_n8(PRE_BWD_PARAMS(float)) { pre_backward<float, 8, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_f32_n8(PRE_BWD_DH_PARAMS(float)) { pre_backward<float, 8, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_f32_n8(PRE_BWD_SUM_PARAMS(float)) { pre_backward<float, 8, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_f32_n8(PRE_BWD_DX_SUM_PARAMS(float)) { pre_backward_dx_sum<float, 8>(h, du, dx_post, dx, tokens, C); }
 extern "C" __global__ void mhc_pre_fwd_bf16_n8(PRE_FWD_PARAMS(mhc_bf16)) { pre_forward<mhc_bf16, 8>(x, h, u, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_bf16_n8(PRE_BWD_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, PRE_DX_WRITE>(x, h, du, nullptr, dx, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_dh_bf16_n8(PRE_BWD_DH_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, PRE_DX_NONE>(x, h, du, nullptr, nullptr, dh, tokens, C); }
 extern "C" __global__ void mhc_pre_bwd_sum_bf16_n8(PRE_BWD_SUM_PARAMS(mhc_bf16)) { pre_backward<mhc_bf16, 8, PRE_DX_ADD_TO>(x, h, du, dx_post, dx, dh, tokens, C); }
+extern "C" __global__ void mhc_pre_bwd_dx_sum_bf16_n8(PRE_BWD_DX_SUM_PARAMS(mhc_bf16)) { pre_backward_dx_sum<mhc_bf16, 8>(h, du, dx_post, dx, tokens, C); }

@@ -149,8 +149,9 @@ fn every_table_kernel_is_exported_with_the_table_arguments() {
     // 6 mHC families of 14 symbols (2 dtypes x 7 n), 3 of 7 (n only: static, finish, per-token
     // backward), the RMSNorm pair (2 dtypes each) and its dgamma sum (one), the 3 chained
     // families of 14 (coefficient backward summing dx, pre backward without dx, pre backward
-    // adding post's dx), and pre with the RMSNorm fused, 2 families of 14.
-    assert_eq!(checked, 6 * 14 + 3 * 7 + 2 * 2 + 1 + 3 * 14 + 2 * 14);
+    // adding post's dx), and pre with the RMSNorm fused, 2 families of 14, with pre's dx sum
+    // beside it for static mode (no dh), 14.
+    assert_eq!(checked, 6 * 14 + 3 * 7 + 2 * 2 + 1 + 3 * 14 + 2 * 14 + 14);
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use super::{
     bwd_row_len, bwd_x_on_tensor_cores, DeviceLimits, Geometry, KernelSpec, Module,
     COEFFS_BWD_TOKEN, COEFFS_BWD_X, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD,
-    POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_BWD_SUM, PRE_FWD,
+    POST_FWD, PRE_BWD, PRE_BWD_DH, PRE_BWD_DX_SUM, PRE_BWD_SUM, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use candle_core::backend::BackendStorage;
@@ -542,6 +542,44 @@ pub fn pre_backward(
             dx.map(|dx| tensor(wrap(dev, dx), (tokens, n, c))),
             tensor(wrap(dev, dh), (tokens, k)),
         ))
+    })
+}
+
+/// The static chained backward's one dx where the fused RMSNorm's backward gave dh: dx [T, n,
+/// C] = dx_post + H_pre (x) du (`PRE_BWD_DX_SUM`), x unread.
+pub fn pre_backward_dx_sum(
+    shape: &MhcShape,
+    h: &Tensor,
+    du: &Tensor,
+    dx_post: &Tensor,
+) -> Result<Tensor> {
+    let op = "mhc-pre backward (dx sum)";
+    dispatch_storage!(op, du.dtype(), T => {
+        let (n, c, k) = (shape.streams, shape.width, shape.k());
+        let tokens = du.dim(0)?;
+        check_dims(op, "du", du.dims(), &[tokens, c])?;
+        check_dims(op, "h", h.dims(), &[tokens, k])?;
+        check_dims(op, "dx_post", dx_post.dims(), &[tokens, n, c])?;
+        let (h, du, dx_post) = (h.contiguous()?, du.contiguous()?, dx_post.contiguous()?);
+        cuda_storage!(op, "h", h => h_s, h_l);
+        cuda_storage!(op, "du", du => du_s, du_l);
+        cuda_storage!(op, "dx_post", dx_post => dx_post_s, dx_post_l);
+        let dev = &du_s.device;
+        let mut dx = alloc_out::<T>(dev, tokens * n * c)?;
+        if tokens > 0 {
+            let h_v = view::<f32>(op, "h", h_s, h_l)?;
+            let du_v = view::<T>(op, "du", du_s, du_l)?;
+            let dx_post_v = view::<T>(op, "dx_post", dx_post_s, dx_post_l)?;
+            let (tokens_i, c_i) = (tokens as i64, c as i64);
+            let (limits, stream) = (limits(dev)?, dev.cuda_stream());
+            let func = function(dev, &PRE_BWD_DX_SUM, du.dtype(), n)?;
+            let geometry = PRE_BWD_DX_SUM.geometry(&limits, shape, du.dtype(), tokens);
+            let mut b = stream.launch_builder(&func);
+            b.arg(&h_v).arg(&du_v).arg(&dx_post_v).arg(&mut dx);
+            b.arg(&tokens_i).arg(&c_i);
+            unsafe { b.launch(cfg(&func, &geometry)?) }.w()?;
+        }
+        Ok(tensor(wrap(dev, dx), (tokens, n, c)))
     })
 }
 

@@ -618,6 +618,25 @@ pub const PRE_FWD: KernelSpec = KernelSpec {
     grid: Grid::Chunks,
 };
 
+/// The chained sublayer backward of pre in static mode when the fused RMSNorm's backward gave dh:
+/// dx = dx_post + H_pre (x) du alone, x unread. Grid-stride over (token, vector chunk of C).
+pub const PRE_BWD_DX_SUM: KernelSpec = KernelSpec {
+    module: Module::Pre,
+    stem: "mhc_pre_bwd_dx_sum",
+    per_dtype: true,
+    per_streams: true,
+    args: &[
+        In("h", F32),
+        In("du", Storage),
+        In("dx_post", Storage),
+        Out("dx", Storage),
+        I64("tokens"),
+        I64("C"),
+    ],
+    block: Block::Fixed(256),
+    grid: Grid::Chunks,
+};
+
 /// dx_j = H_pre[j] du, dh[pre] = <du, x_j>. One block per token (grid-stride).
 pub const PRE_BWD: KernelSpec = KernelSpec {
     module: Module::Pre,
@@ -779,7 +798,7 @@ pub const RMS_NORM_DGAMMA_SUM: KernelSpec = KernelSpec {
 
 /// Every kernel family, for checks that walk them all; both launch layers (CUDA and HIP) launch
 /// each of them (tests/hip.rs).
-pub const KERNELS: [KernelSpec; 17] = [
+pub const KERNELS: [KernelSpec; 18] = [
     COEFFS_STATIC,
     COEFFS_PROJECT,
     COEFFS_FINISH,
@@ -790,6 +809,7 @@ pub const KERNELS: [KernelSpec; 17] = [
     PRE_BWD,
     PRE_BWD_DH,
     PRE_BWD_SUM,
+    PRE_BWD_DX_SUM,
     POST_FWD,
     POST_BWD,
     PRE_NORM_FWD,

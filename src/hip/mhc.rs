@@ -16,7 +16,7 @@ use super::runtime::{Buffer, Device, DeviceElem, KernelArg};
 use crate::gpu::{
     bwd_row_len, bwd_x_on_tensor_cores, KernelSpec, COEFFS_BWD_TOKEN, COEFFS_BWD_X,
     COEFFS_BWD_X_SUM, COEFFS_FINISH, COEFFS_PROJECT, COEFFS_STATIC, POST_BWD, POST_FWD, PRE_BWD,
-    PRE_BWD_DH, PRE_BWD_SUM, PRE_FWD,
+    PRE_BWD_DH, PRE_BWD_DX_SUM, PRE_BWD_SUM, PRE_FWD,
 };
 use crate::mhc::MhcShape;
 use anyhow::{bail, Result};
@@ -382,6 +382,38 @@ pub fn pre_backward<T: DeviceElem>(
     }
 }
 
+/// The static chained backward's one dx where the fused RMSNorm's backward gave dh: dx [T, n,
+/// C] = dx_post + H_pre (x) du (`PRE_BWD_DX_SUM`), x unread.
+#[allow(clippy::too_many_arguments)]
+pub fn pre_backward_dx_sum<T: DeviceElem>(
+    dev: &Device,
+    shape: &MhcShape,
+    tokens: usize,
+    h: &Buffer<f32>,
+    du: &Buffer<T>,
+    dx_post: &Buffer<T>,
+    dx: &mut Buffer<T>,
+) -> Result<()> {
+    let op = "mhc-pre backward (dx sum)";
+    let (n, c, k) = (shape.streams, shape.width, shape.k());
+    check_len(op, "h", h, tokens * k)?;
+    check_len(op, "du", du, tokens * c)?;
+    check_len(op, "dx_post", dx_post, tokens * n * c)?;
+    check_len(op, "dx", dx, tokens * n * c)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let args = [
+        h.arg(),
+        du.arg(),
+        dx_post.arg(),
+        dx.arg_mut(),
+        KernelArg::I64(tokens as i64),
+        KernelArg::I64(c as i64),
+    ];
+    launch(dev, &PRE_BWD_DX_SUM, shape, T::DTYPE, tokens, &args)
+}
+
 /// Mix + distribute: x' [T, n, C] = H_res x + H_post y.
 #[allow(clippy::too_many_arguments)]
 pub fn post_forward<T: DeviceElem>(
@@ -483,7 +515,8 @@ pub enum Chaining {
 
 impl Chaining {
     /// Whether the coefficient backward sums the sublayer's dx (chained, dynamic mode), so pre's
-    /// dx term has no buffer of its own and pre's kernel runs only without the fused RMSNorm.
+    /// dx term has no buffer of its own (and pre's backward runs for dh only, and only without
+    /// the fused RMSNorm, whose backward writes dh_pre).
     fn sums_dx_in_coeffs(self, shape: &MhcShape) -> bool {
         self == Chaining::Chained && shape.dynamic
     }
@@ -494,10 +527,6 @@ struct SublayerRmsNorm {
     norm: PreNorm,
     gamma: Buffer<f32>,
     dgamma: Buffer<f32>,
-    /// Where pre's kernel, run for a dx term (static mode, or unchained), writes the dh it
-    /// computes alongside (unused: the fused backward's dh_pre, from du in f32, is kept). Empty
-    /// when pre's kernel does not run (chained, dynamic).
-    pre_dh_aside: Buffer<f32>,
 }
 
 /// Every buffer of one mHC sublayer x' = H_res x + H_post F(H_pre x) on the device, forward and
@@ -560,6 +589,9 @@ impl<T: DeviceElem> Sublayer<T> {
         let rms_norm = match f {
             SublayerF::Given => None,
             SublayerF::RmsNorm { gamma, eps } => {
+                if chaining != Chaining::Chained {
+                    bail!("mhc sublayer: the fused RMSNorm runs in the chained backward only")
+                }
                 if gamma.len() != c {
                     bail!(
                         "mhc sublayer: gamma has {} elements, expected C = {c}",
@@ -570,7 +602,6 @@ impl<T: DeviceElem> Sublayer<T> {
                     norm: PreNorm::new::<T>(dev, shape, tokens, eps)?,
                     gamma: dev.upload(gamma)?,
                     dgamma: dev.alloc_out(c)?,
-                    pre_dh_aside: dev.alloc(if folds_pre_dx { 0 } else { tokens * k })?,
                 })
             }
         };
@@ -684,14 +715,25 @@ impl<T: DeviceElem> Sublayer<T> {
             },
             (false, _) => PreDx::Write(&mut self.dx_pre),
         };
-        // With the RMSNorm fused into pre, its backward wrote dh_pre; pre's kernel runs only
-        // for a dx term, its dh set aside (it sums du rounded to the storage dtype).
-        if self.rms_norm.is_none() || !sum_in_coeffs {
-            let dh = match &mut self.rms_norm {
-                Some(f) => &mut f.pre_dh_aside,
-                None => &mut self.dh_pre,
-            };
-            pre_backward(dev, shape, t, &self.x, &self.h, &self.du, dx_pre, dh)?;
+        // With the RMSNorm fused into pre, its backward wrote dh_pre (from du in f32); pre's
+        // dx term, where it has a buffer, is then written alone, x unread.
+        match (&self.rms_norm, dx_pre) {
+            (None, dx_pre) => pre_backward(
+                dev,
+                shape,
+                t,
+                &self.x,
+                &self.h,
+                &self.du,
+                dx_pre,
+                &mut self.dh_pre,
+            )?,
+            (Some(_), PreDx::AddTo { dx_post, dx }) => {
+                pre_backward_dx_sum(dev, shape, t, &self.h, &self.du, dx_post, dx)?
+            }
+            // Chained in dynamic mode: the coefficient backward writes dx. (The fused RMSNorm
+            // runs chained only: `Sublayer::new`.)
+            (Some(_), _) => {}
         }
         let grads = CoeffsGrads {
             dx: &mut self.dx_coeffs,

@@ -417,16 +417,28 @@ fn chained_pre_backward(
             chain.hand_over_dh_pre(dh)
         }
         // Static mode on CUDA: the coefficient backward has no pass over x to fold dx into,
-        // so pre's kernel writes the sublayer's one dx = dx_post + H_pre (x) du (post's
-        // backward ran first and stashed dx_post) with dh, in one pass. Where the fused norm's
-        // backward gave dh, that one is kept: it sums du in f32, where pre's kernel reads du
-        // rounded to the storage dtype (in bf16 db was off by 5e-2 where dh's sums cancel).
+        // so pre's backward writes the sublayer's one dx = dx_post + H_pre (x) du (post's
+        // backward ran first and stashed dx_post). Where the fused norm's backward gave dh (it
+        // sums du in f32; pre's kernel reads du rounded to the storage dtype, and in bf16 db
+        // was off by 5e-2 where dh's sums cancel), that is dx alone, x unread; else pre's
+        // kernel writes dx and dh in one pass.
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             let dx_post = chain.dx_post.take();
-            let dx = dx_post.as_ref().map_or(PreDx::Write, PreDx::AddTo);
-            let (dx, pre_dh) = crate::gpu::mhc::pre_backward(shape, x, h, &du, dx)?;
-            return Ok((dx, chain.hand_over_dh_pre(dh.unwrap_or(pre_dh))));
+            let (dx, dh) = match (dh, &dx_post) {
+                (Some(dh), Some(dx_post)) => (
+                    Some(crate::gpu::mhc::pre_backward_dx_sum(
+                        shape, h, &du, dx_post,
+                    )?),
+                    dh,
+                ),
+                (dh, _) => {
+                    let dx = dx_post.as_ref().map_or(PreDx::Write, PreDx::AddTo);
+                    let (dx, pre_dh) = crate::gpu::mhc::pre_backward(shape, x, h, &du, dx)?;
+                    (dx, dh.unwrap_or(pre_dh))
+                }
+            };
+            return Ok((dx, chain.hand_over_dh_pre(dh)));
         }
         // The CPU computes pre's dx too; only its dh is used here.
         _ => Some(match dh {
