@@ -38,6 +38,16 @@ template <typename T, int N> struct Vec {
     static constexpr int len = bytes / (int)sizeof(T);
 };
 
+// The streaming kernels' loop: body(t, c0) for every V-element chunk c0 of every token t's row
+// of C elements, one chunk per thread, grid-stride.
+template <int V, typename Body>
+__device__ __forceinline__ void for_each_row_chunk(long long tokens, long long C, Body body) {
+    const long long chunks = (C + V - 1) / V;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < tokens * chunks;
+         i += (long long)gridDim.x * blockDim.x)
+        body(i / chunks, (i % chunks) * V);
+}
+
 // True when rows of `len`-element chunks starting at p are aligned for Pack access: the row
 // length C is a multiple of the chunk and the base pointer is chunk-aligned.
 template <typename T, int V>

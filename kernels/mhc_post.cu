@@ -39,19 +39,15 @@ __device__ void post_forward(const T* __restrict__ x, const float* __restrict__ 
                              T* __restrict__ out, long long tokens, long long C) {
     constexpr int K = N * N + 2 * N;
     constexpr int V = Vec<T, N>::len;
-    const long long chunks = (C + V - 1) / V;
     const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(y, C) && pack_ok<T, V>(out, C);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < tokens * chunks;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long t = i / chunks;
-        const long long c0 = (i % chunks) * V;
+    for_each_row_chunk<V>(tokens, C, [&](long long t, long long c0) {
         if (vec) {
             post_forward_chunk<T, N, V, true>(x, h + t * K, y, out, t, c0, C);
         } else {  // rows not 16-byte aligned (rare shapes): an element at a time
 #pragma unroll 1
             for (int q = 0; q < V; ++q) post_forward_chunk<T, N, 1, false>(x, h + t * K, y, out, t, c0 + q, C);
         }
-    }
+    });
 }
 
 // One output row of a backward chunk: d = sum_i w[i * stride] g_i, and dot[i * stride] +=

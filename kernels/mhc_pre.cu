@@ -12,12 +12,8 @@ __device__ void pre_forward(const T* __restrict__ x, const float* __restrict__ h
                             long long tokens, long long C) {
     constexpr int K = N * N + 2 * N;
     constexpr int V = Vec<T, N>::len;
-    const long long chunks = (C + V - 1) / V;
     const bool vec = pack_ok<T, V>(x, C) && pack_ok<T, V>(u, C);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < tokens * chunks;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long t = i / chunks;
-        const long long c0 = (i % chunks) * V;
+    for_each_row_chunk<V>(tokens, C, [&](long long t, long long c0) {
         float acc[V];
 #pragma unroll
         for (int q = 0; q < V; ++q) acc[q] = 0.0f;
@@ -30,7 +26,7 @@ __device__ void pre_forward(const T* __restrict__ x, const float* __restrict__ h
             for (int q = 0; q < V; ++q) acc[q] += w * xv[q];
         }
         store_row<T, V>(u + t * C, c0, C, vec, acc);
-    }
+    });
 }
 
 // What pre's backward does with dx_j = H_pre[j] du (docs/ops.md, "The chained sublayer").
@@ -115,12 +111,8 @@ __device__ void pre_backward_dx_sum(const float* __restrict__ h, const T* __rest
                                     const T* __restrict__ dx_post, T* __restrict__ dx, long long tokens, long long C) {
     constexpr int K = N * N + 2 * N;
     constexpr int V = Vec<T, N>::len;
-    const long long chunks = (C + V - 1) / V;
     const bool vec = pack_ok<T, V>(du, C) && pack_ok<T, V>(dx_post, C) && pack_ok<T, V>(dx, C);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < tokens * chunks;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long t = i / chunks;
-        const long long c0 = (i % chunks) * V;
+    for_each_row_chunk<V>(tokens, C, [&](long long t, long long c0) {
         float g[V];
         load_row<T, V>(du + t * C, c0, C, vec, g);
 #pragma unroll
@@ -132,7 +124,7 @@ __device__ void pre_backward_dx_sum(const float* __restrict__ h, const T* __rest
             for (int q = 0; q < V; ++q) d[q] = w * g[q] + d[q];
             store_row<T, V>(dx + (t * N + j) * C, c0, C, vec, d);
         }
-    }
+    });
 }
 
 // Exported kernels, one per (dtype, n), spelled out so each name is greppable (the launch table
